@@ -1,0 +1,23 @@
+# The gesture service: one image for the web processes and the migrate job.
+# Build a wheel, then install it into a clean stage so the source tree (and its sql/,
+# which the wheel carries as service/sql) is not on sys.path beside the installed package.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY service ./service
+COPY sql ./sql
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.11-slim
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PORT=8000
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels \
+    && useradd --system --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin app
+USER app
+WORKDIR /tmp
+EXPOSE 8000
+# The Procfile's web command; exec makes uvicorn PID 1, so it gets SIGTERM itself.
+CMD ["sh", "-c", "exec uvicorn service.app:app --host 0.0.0.0 --port \"${PORT:-8000}\" --ws wsproto --ws-max-size 16384 --no-server-header --timeout-graceful-shutdown 10 --proxy-headers --forwarded-allow-ips='*'"]

@@ -1,0 +1,394 @@
+"""The HTTP edge: decode, call `gestures`, encode. Errors map to statuses here, once:
+
+| raised                   | status |
+|--------------------------|--------|
+| body not JSON            | 400    |
+| errors.Unauthenticated   | 401    |
+| errors.Forbidden         | 403    |
+| errors.NotFound          | 404    |
+| body over 16 KiB         | 413    |
+| errors.Invalid, bad field| 422    |
+| errors.RateLimited       | 429 with Retry-After |
+| errors.Unavailable       | 503    |
+| anything else            | 500, logged with its traceback, never shown |
+
+`ENDPOINTS` is the one description of the API: routing and `/openapi.json` are both made
+from it, with the same Structs that validate requests.
+"""
+
+import logging
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+
+import msgspec
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from . import errors
+from .auth import Caller, bearer, verify
+from .gestures import Gestures
+from .schemas import (
+    DECODE_ERRORS,
+    MAX_BODY,
+    AcknowledgeBody,
+    AcknowledgeResult,
+    ErrorBody,
+    Gesture,
+    GestureList,
+    Health,
+    PendingQuery,
+    RecentPage,
+    RecentQuery,
+    Relationship,
+    RelationshipBody,
+    SendGestureBody,
+    SendResult,
+    acknowledge_body_decoder,
+    encoder,
+    relationship_body_decoder,
+    send_body_decoder,
+)
+from .validation import describe
+
+log = logging.getLogger(__name__)
+
+_STATUS: dict[type[errors.ServiceError], int] = {
+    errors.Invalid: 422,
+    errors.Unauthenticated: 401,
+    errors.Forbidden: 403,
+    errors.NotFound: 404,
+    errors.RateLimited: 429,
+    errors.Unavailable: 503,
+}
+
+
+class BadRequest(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
+
+
+def json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(encoder.encode(obj), status, headers, media_type="application/json")
+
+
+def error(status: int, detail: str, headers: dict[str, str] | None = None) -> Response:
+    return json(ErrorBody(detail=detail), status, headers)
+
+
+async def _body(request: Request, decoder: msgspec.json.Decoder):
+    length = request.headers.get("content-length")
+    if length is not None and (not length.isdigit() or int(length) > MAX_BODY):
+        raise BadRequest(413, f"body over {MAX_BODY} bytes")
+    chunks = bytearray()
+    async for chunk in request.stream():
+        chunks += chunk
+        if len(chunks) > MAX_BODY:
+            raise BadRequest(413, f"body over {MAX_BODY} bytes")
+    try:
+        return decoder.decode(bytes(chunks))
+    except msgspec.ValidationError as exc:
+        raise BadRequest(422, describe(exc)) from None
+    except DECODE_ERRORS as exc:
+        raise BadRequest(400, describe(exc)) from None
+
+
+def _query(request: Request, kind: type):
+    try:
+        return msgspec.convert(dict(request.query_params), kind, strict=False)
+    except msgspec.ValidationError as exc:
+        raise BadRequest(422, describe(exc)) from None
+
+
+def _path_uuid(request: Request, name: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(request.path_params[name])
+    except ValueError:
+        raise BadRequest(422, f"{name}: not a UUID") from None
+
+
+def _caller(request: Request) -> Caller:
+    return verify(bearer(request.headers.get("authorization")), request.state.settings.jwt_secret)
+
+
+# ---------------------------------------------------------------------------- handlers
+
+
+async def send(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    body: SendGestureBody = await _body(request, send_body_decoder)
+    key = request.headers.get("idempotency-key")
+    if key is not None and not (0 < len(key) <= 200 and key.isprintable() and key.isascii()):
+        raise BadRequest(422, "Idempotency-Key: 1 to 200 printable ASCII characters")
+    result, _ = await g.send(
+        caller,
+        body.relationship_id,
+        body.gesture_type,
+        body.sender_id,
+        body.message,
+        body.ai_generated,
+        key,
+    )
+    return json(result)
+
+
+async def acknowledge(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    body: AcknowledgeBody = await _body(request, acknowledge_body_decoder)
+    result = await g.acknowledge(
+        caller,
+        body.gesture_id,
+        body.acknowledged_by,
+        body.send_back,
+        body.send_back_type,
+        body.send_back_message,
+    )
+    return json(result)
+
+
+async def pending(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    query: PendingQuery = _query(request, PendingQuery)
+    return json(await g.pending(caller, query.relationship_id, query.partner_id))
+
+
+async def recent(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    query: RecentQuery = _query(request, RecentQuery)
+    return json(await g.recent(caller, query.relationship_id, query.limit, query.before))
+
+
+async def get_gesture(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    return json(await g.get(caller, _path_uuid(request, "gesture_id")))
+
+
+async def put_relationship(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    relationship_id = _path_uuid(request, "relationship_id")
+    body: RelationshipBody = await _body(request, relationship_body_decoder)
+    found = await g.put_relationship(caller, relationship_id, body.partner_a_id, body.partner_b_id)
+    return json(found)
+
+
+async def healthz(request: Request, g: Gestures) -> Response:
+    return json(Health(status="ok"))
+
+
+async def readyz(request: Request, g: Gestures) -> Response:
+    checks = await request.state.readiness()
+    ok = all(v == "ok" for v in checks.values())
+    return json(Health(status="ok" if ok else "unavailable", checks=checks), 200 if ok else 503)
+
+
+# ---------------------------------------------------------------------------- the table
+
+Handler = Callable[[Request, Gestures], Awaitable[Response]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    method: str
+    path: str
+    handler: Handler
+    summary: str
+    response: type
+    body: type | None = None
+    query: type | None = None
+    path_params: tuple[str, ...] = ()
+    headers: tuple[str, ...] = ()
+    errors: tuple[int, ...] = (400, 401, 403, 413, 422, 503)
+    auth: bool = True
+    extra: dict = field(default_factory=dict)
+
+
+ENDPOINTS = (
+    Endpoint(
+        "POST",
+        "/api/gestures/send",
+        send,
+        "Send a gesture to your partner",
+        SendResult,
+        body=SendGestureBody,
+        headers=("Idempotency-Key",),
+        errors=(400, 401, 403, 413, 422, 429, 503),
+    ),
+    Endpoint(
+        "POST",
+        "/api/gestures/acknowledge",
+        acknowledge,
+        "Acknowledge a gesture you received, optionally sending one back",
+        AcknowledgeResult,
+        body=AcknowledgeBody,
+        errors=(400, 401, 403, 404, 413, 422, 429, 503),
+    ),
+    Endpoint(
+        "GET",
+        "/api/gestures/pending",
+        pending,
+        "Unacknowledged gestures sent to a partner, oldest first",
+        GestureList,
+        query=PendingQuery,
+    ),
+    Endpoint(
+        "GET",
+        "/api/gestures/recent",
+        recent,
+        "A relationship's gestures, newest first, a page at a time",
+        RecentPage,
+        query=RecentQuery,
+    ),
+    Endpoint(
+        "GET",
+        "/api/gestures/{gesture_id}",
+        get_gesture,
+        "One gesture",
+        Gesture,
+        path_params=("gesture_id",),
+        errors=(401, 404, 422, 503),
+    ),
+    Endpoint(
+        "PUT",
+        "/api/relationships/{relationship_id}",
+        put_relationship,
+        "Create or update a relationship (service token only)",
+        Relationship,
+        body=RelationshipBody,
+        path_params=("relationship_id",),
+    ),
+    Endpoint("GET", "/healthz", healthz, "Liveness", Health, errors=(), auth=False),
+    Endpoint(
+        "GET",
+        "/readyz",
+        readyz,
+        "Readiness: PostgreSQL and Redis answer",
+        Health,
+        errors=(503,),
+        auth=False,
+    ),
+)
+
+
+def _wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
+    async def endpoint(request: Request) -> Response:
+        try:
+            return await handler(request, request.state.gestures)
+        except BadRequest as exc:
+            return error(exc.status, exc.detail)
+        except errors.RateLimited as exc:
+            return error(429, exc.message, {"Retry-After": str(exc.retry_after)})
+        except errors.ServiceError as exc:
+            headers = (
+                {"WWW-Authenticate": "Bearer"} if isinstance(exc, errors.Unauthenticated) else None
+            )
+            return error(_STATUS.get(type(exc), 400), exc.message, headers)
+        except Exception:
+            log.exception("request failed", extra={"path": request.url.path})
+            return error(500, "internal error")
+
+    return endpoint
+
+
+def routes() -> list[Route]:
+    table = [Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS]
+    table.append(Route("/openapi.json", openapi_endpoint, methods=["GET"]))
+    return table
+
+
+async def http_exception(request: Request, exc: Exception) -> Response:
+    """Starlette's own 404 / 405 in the API's error shape."""
+    assert isinstance(exc, HTTPException)
+    return error(exc.status_code, exc.detail, exc.headers)
+
+
+# ---------------------------------------------------------------------------- OpenAPI
+
+_ERROR_TEXT = {
+    400: "Body is not JSON",
+    401: "Missing, malformed or expired token",
+    403: "Not a partner of this relationship, or acting as the other partner",
+    404: "No such gesture (or not yours)",
+    413: "Body over 16 KiB",
+    422: "A field is invalid; `detail` names it",
+    429: "Rate limited; see Retry-After",
+    503: "PostgreSQL or Redis unavailable",
+}
+
+
+def openapi() -> dict:
+    types = [e.response for e in ENDPOINTS] + [e.body for e in ENDPOINTS if e.body]
+    types.append(ErrorBody)
+    (_, components) = msgspec.json.schema_components(
+        types, ref_template="#/components/schemas/{name}"
+    )
+    paths: dict[str, dict] = {}
+    for e in ENDPOINTS:
+        op: dict = {"summary": e.summary, "responses": {}}
+        params = [
+            {
+                "name": p,
+                "in": "path",
+                "required": True,
+                "schema": {"type": "string", "format": "uuid"},
+            }
+            for p in e.path_params
+        ]
+        if e.query is not None:
+            _, defs = msgspec.json.schema_components([e.query])
+            schema = defs[e.query.__name__]
+            required = set(schema.get("required", ()))
+            for name, prop in schema["properties"].items():
+                params.append(
+                    {"name": name, "in": "query", "required": name in required, "schema": prop}
+                )
+        params += [
+            {"name": h, "in": "header", "required": False, "schema": {"type": "string"}}
+            for h in e.headers
+        ]
+        if params:
+            op["parameters"] = params
+        if e.body is not None:
+            op["requestBody"] = {
+                "required": True,
+                "content": {
+                    "application/json": {
+                        "schema": {"$ref": f"#/components/schemas/{e.body.__name__}"}
+                    }
+                },
+            }
+        op["responses"]["200"] = {
+            "description": "OK",
+            "content": {
+                "application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{e.response.__name__}"}
+                }
+            },
+        }
+        for status in e.errors:
+            op["responses"][str(status)] = {
+                "description": _ERROR_TEXT[status],
+                "content": {
+                    "application/json": {"schema": {"$ref": "#/components/schemas/ErrorBody"}}
+                },
+            }
+        if e.auth:
+            op["security"] = [{"bearer": []}]
+        paths.setdefault(e.path, {})[e.method.lower()] = op
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "Gesture service", "version": "1"},
+        "paths": paths,
+        "components": {
+            "schemas": components,
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            },
+        },
+    }
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    return Response(request.state.openapi, media_type="application/json")

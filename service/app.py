@@ -1,0 +1,190 @@
+"""`create_app(settings)`: the lifespan and the wiring. The only module that knows every part.
+
+The lifespan owns every resource: the PostgreSQL pool, the Redis clients, the hub and the
+background tasks (group commits, outbox publisher and relay, presence heartbeats, the
+pub/sub subscriber). A background task that dies makes `/readyz` answer 503 and is logged;
+none dies silently. On shutdown the gateway's sockets close with 1012, this process's
+presence entries are dropped, pending delivery marks and events are flushed.
+"""
+
+import asyncio
+import contextlib
+import logging
+import os
+import uuid
+from collections.abc import AsyncIterator
+
+import msgspec
+import redis.asyncio as aioredis
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.routing import WebSocketRoute
+
+from . import api, config, logs, store
+from .bus import Publisher, Subscriber
+from .gateway import Gateway
+from .gestures import Gestures
+from .hub import Hub
+from .presence import Presence
+
+log = logging.getLogger(__name__)
+
+
+class MissingMigrations(RuntimeError):
+    pass
+
+
+def create_app(settings: config.Settings | None = None) -> Starlette:
+    logs.configure()
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[dict]:
+        nonlocal settings
+        try:
+            settings = settings or config.from_env()
+        except config.ConfigError as exc:
+            log.error("configuration error: %s", exc)
+            raise
+        pool = await store.create_pool(
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_timeout,
+        )
+        try:
+            async with store.connection(pool) as conn:
+                missing = await store.missing_migrations(conn)
+            if missing:
+                raise MissingMigrations(
+                    f"the database lacks migrations {', '.join(missing)}: "
+                    "run `python -m service migrate` first"
+                )
+            async with _resources(settings, pool) as state:
+                log.info("ready", extra={"pid": os.getpid(), "node": state["node"]})
+                yield state
+        except MissingMigrations as exc:
+            log.error("%s", exc)
+            raise
+        finally:
+            await pool.close()
+
+    async def websocket(ws) -> None:
+        await ws.state.gateway.endpoint(ws)
+
+    return Starlette(
+        routes=[*api.routes(), WebSocketRoute("/ws", websocket)],
+        lifespan=lifespan,
+        exception_handlers={HTTPException: api.http_exception},
+    )
+
+
+@contextlib.asynccontextmanager
+async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterator[dict]:
+    node = uuid.uuid4().hex[:12]
+    redis = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            settings.redis_url,
+            max_connections=settings.redis_max_connections,
+            timeout=2.0,
+            socket_timeout=2.0,
+            socket_connect_timeout=1.0,
+        )
+    )
+    # Pub/sub waits for messages indefinitely: no read timeout on its connection.
+    redis_pubsub = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0)
+    publisher = Publisher(
+        redis,
+        pool,
+        relay_interval=settings.relay_interval,
+        relay_min_age=settings.relay_min_age,
+        idempotency_hours=settings.idempotency_hours,
+    )
+    presence = Presence(
+        redis,
+        prefix=settings.presence_prefix,
+        node=node,
+        ttl=settings.presence_ttl,
+        grace=settings.presence_grace,
+    )
+    gestures = Gestures(settings, pool, redis, publisher, presence)
+    gateway = Gateway(
+        settings,
+        gestures,
+        presence,
+        Hub(),
+        lambda on_message, on_resubscribed: Subscriber(
+            redis_pubsub,
+            node_channel=f"{settings.presence_prefix}node:{node}",
+            on_message=on_message,
+            on_resubscribed=on_resubscribed,
+        ),
+    )
+    tasks = {
+        "publisher": publisher.run,
+        "gestures": gestures.run,
+        "presence": presence.run,
+        "subscriber": gateway.subscriber.run,
+    }
+    running = {name: asyncio.create_task(run(), name=name) for name, run in tasks.items()}
+    for task in running.values():
+        task.add_done_callback(_report_death)
+
+    async def readiness() -> dict[str, str]:
+        checks: dict[str, str] = {}
+        try:
+            await store.ping(pool)
+            checks["postgres"] = "ok"
+        except Exception:
+            checks["postgres"] = "unavailable"
+        try:
+            async with asyncio.timeout(2.0):
+                await redis.ping()
+            checks["redis"] = "ok"
+        except Exception:
+            checks["redis"] = "unavailable"
+        dead = [name for name, task in running.items() if task.done()]
+        checks["tasks"] = "ok" if not dead else f"stopped: {', '.join(dead)}"
+        return checks
+
+    try:
+        yield {
+            "settings": settings,
+            "gestures": gestures,
+            "gateway": gateway,
+            "readiness": readiness,
+            "openapi": msgspec.json.encode(api.openapi()),
+            "node": node,
+        }
+    finally:
+        await _shutdown(settings, gateway, presence, gestures, publisher, running)
+        await redis_pubsub.aclose()
+        await redis.aclose()
+
+
+async def _shutdown(settings, gateway, presence, gestures, publisher, running) -> None:
+    try:
+        async with asyncio.timeout(settings.shutdown_timeout):
+            await gateway.shutdown()
+            await presence.close()
+            await gestures.flush_deliveries()
+            await publisher.flush()
+    except Exception:
+        log.exception("shutdown did not finish cleanly")
+    for task in running.values():
+        task.remove_done_callback(_report_death)
+        task.cancel()
+    await asyncio.gather(*running.values(), return_exceptions=True)
+    log.info("stopped", extra={"pid": os.getpid()})
+
+
+def _report_death(task: asyncio.Task) -> None:
+    if task.cancelled():
+        log.error("background task cancelled", extra={"task": task.get_name()})
+    elif task.exception() is not None:
+        log.error(
+            "background task died; /readyz now answers 503",
+            exc_info=task.exception(),
+            extra={"task": task.get_name()},
+        )
+
+
+app = create_app()

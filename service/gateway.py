@@ -1,0 +1,411 @@
+"""The WebSocket edge: `GET /ws?relationship_id=<uuid>&token=<jwt>`.
+
+Each socket has one reader (this endpoint's task) and, while it has frames to write, one
+writer (see `hub`). The reader decodes a frame, calls `gestures`, and encodes the answer;
+events from Redis reach the socket through the hub. A process subscribes to a relationship's
+channels while it holds a connection of that relationship.
+
+How errors reach the client:
+
+| what                                   | how                                      |
+|----------------------------------------|------------------------------------------|
+| bad or missing token                   | close 4401                               |
+| not a partner, unknown relationship    | close 4403                               |
+| PostgreSQL down while connecting       | close 1013 (try again later)             |
+| frame over 16 KiB                      | close 1009                               |
+| client does not read its frames        | close 1008 (slow consumer)               |
+| nothing received for ws_idle_timeout   | close 1000 "idle timeout"                |
+| process shutting down                  | close 1012 (service restart)             |
+| frame not JSON, unknown type, bad field| `error` frame, code `invalid`            |
+| errors.Forbidden / NotFound            | `error` frame, `forbidden` / `not_found` |
+| errors.RateLimited                     | `error` frame, `rate_limited`            |
+| errors.Unavailable                     | `error` frame, `unavailable`             |
+| anything unexpected                    | logged once with its traceback, close 1011 |
+
+Frames that carry a `request_id` get it back on every reply to them.
+"""
+
+import asyncio
+import logging
+import uuid
+from datetime import UTC, datetime
+
+from starlette.websockets import WebSocket, WebSocketState
+
+from . import errors
+from .auth import bearer, verify
+from .bus import Subscriber
+from .config import Settings
+from .gestures import Gestures
+from .hub import Connection, Dedupe, Hub
+from .presence import Presence
+from .schemas import (
+    DECODE_ERRORS,
+    AcknowledgeConfirmFrame,
+    AcknowledgeFrame,
+    ErrorFrame,
+    Event,
+    Gesture,
+    GestureAcknowledged,
+    GestureAcknowledgedFrame,
+    GestureDelivered,
+    GestureDeliveredFrame,
+    GestureFrame,
+    GestureReceivedFrame,
+    GestureSent,
+    GestureSentFrame,
+    PingFrame,
+    PongFrame,
+    PresenceFrame,
+    encoder,
+    envelope_decoder,
+    event_decoder,
+    frame_decoder,
+    other_role,
+    presence_decoder,
+)
+from .validation import describe
+
+log = logging.getLogger(__name__)
+
+UNAUTHORIZED = 4401
+FORBIDDEN = 4403
+TRY_AGAIN_LATER = 1013
+TOO_BIG = 1009
+SERVICE_RESTART = 1012
+INTERNAL = 1011
+# Clock skew and commit-to-publish delay that a resync reaches back over.
+_RESYNC_MARGIN = 10.0
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        gestures: Gestures,
+        presence: Presence,
+        hub: Hub,
+        subscriber_factory,
+    ) -> None:
+        self._settings = settings
+        self._gestures = gestures
+        self._presence = presence
+        self.hub = hub
+        self._subscriptions: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        self.subscriber: Subscriber = subscriber_factory(self.on_message, self.resync)
+        self.closing = False
+
+    # ------------------------------------------------------------------ events in
+
+    def on_message(self, channel: str, data: bytes) -> None:
+        """Route one message from Redis to the connections it concerns."""
+        presence_prefix = self._settings.presence_prefix
+        try:
+            if channel.startswith(presence_prefix):
+                change = presence_decoder.decode(data)
+                relationship_id = uuid.UUID(channel[len(presence_prefix) :])
+                self._push_presence(relationship_id, change.partner, change.online)
+                return
+            event = event_decoder.decode(data)
+        except (*DECODE_ERRORS, ValueError):
+            log.debug(
+                "ignoring a message this version does not understand", extra={"channel": channel}
+            )
+            return
+        self._route(event)
+
+    def _route(self, event: Event, response: Gesture | None = None) -> None:
+        gesture = event.gesture
+        match event:
+            case GestureSent():
+                self._push_received(gesture)
+            case GestureDelivered():
+                frame = GestureDeliveredFrame(
+                    gesture_id=gesture.id, delivered_at=gesture.delivered_at
+                )
+                self.hub.push(
+                    gesture.relationship_id,
+                    gesture.sent_by,
+                    encoder.encode(frame),
+                    dedupe=("d", gesture.id),
+                )
+            case GestureAcknowledged():
+                frame = GestureAcknowledgedFrame(
+                    gesture_id=gesture.id,
+                    acknowledged_by=gesture.acknowledged_by or other_role(gesture.sent_by),
+                    response_gesture=event.response_gesture,
+                )
+                self.hub.push(
+                    gesture.relationship_id,
+                    gesture.sent_by,
+                    encoder.encode(frame),
+                    dedupe=("a", gesture.id),
+                )
+
+    def _received(self, gesture: Gesture) -> tuple[bytes, uuid.UUID | None, Dedupe]:
+        frame = encoder.encode(GestureReceivedFrame(gesture=gesture))
+        return frame, gesture.id if gesture.delivered_at is None else None, ("r", gesture.id)
+
+    def _push_received(self, gesture: Gesture) -> None:
+        frame, delivered, dedupe = self._received(gesture)
+        self.hub.push(
+            gesture.relationship_id,
+            other_role(gesture.sent_by),
+            frame,
+            delivered=delivered,
+            dedupe=dedupe,
+        )
+
+    def _push_presence(self, relationship_id: uuid.UUID, partner: str, online: bool) -> None:
+        frame = encoder.encode(PresenceFrame(partner=partner, online=online))
+        for conn in self.hub.of(relationship_id, other_role(partner)):
+            if conn.other_online is not online:
+                conn.other_online = online
+                conn.push(frame)
+
+    async def resync(self, since: float) -> None:
+        """After a broken subscription: re-read from PostgreSQL what clients may have missed."""
+        relationships = self.hub.relationships()
+        if not relationships:
+            return
+        cutoff = datetime.fromtimestamp(since - _RESYNC_MARGIN, UTC)
+        try:
+            changed, responses = await self._gestures.missed(relationships, cutoff)
+        except errors.Unavailable:
+            log.warning("resync failed: PostgreSQL unavailable")
+            return
+        for gesture in changed:
+            if gesture.acknowledged_at is None:
+                self._push_received(gesture)
+            if gesture.delivered_at is not None and gesture.delivered_at >= cutoff:
+                self._route(_as_event(GestureDelivered, gesture))
+            if gesture.acknowledged_at is not None and gesture.acknowledged_at >= cutoff:
+                response = responses.get(gesture.response_gesture_id)
+                self._route(_as_event(GestureAcknowledged, gesture, response))
+        for relationship_id in relationships:
+            for role in ("partner_a", "partner_b"):
+                online = await self._presence.is_online(relationship_id, role)
+                self._push_presence(relationship_id, role, online)
+        log.info("resynced after pub/sub reconnect", extra={"gestures": len(changed)})
+
+    # ------------------------------------------------------------------ subscriptions
+
+    async def _join(self, conn: Connection) -> None:
+        rel = conn.relationship_id
+        if self.hub.add(conn):
+            channels = [self._gestures.channel(rel), self._presence.channel(rel)]
+            future = asyncio.ensure_future(self.subscriber.subscribe(channels))
+            self._subscriptions[rel] = future
+        await asyncio.shield(self._subscriptions[rel])
+
+    async def _leave(self, conn: Connection) -> None:
+        rel = conn.relationship_id
+        if self.hub.remove(conn):
+            self._subscriptions.pop(rel, None)
+            await self.subscriber.unsubscribe(
+                [self._gestures.channel(rel), self._presence.channel(rel)]
+            )
+
+    # ------------------------------------------------------------------ the endpoint
+
+    async def endpoint(self, ws: WebSocket) -> None:
+        token = ws.query_params.get("token") or bearer(ws.headers.get("authorization"))
+        try:
+            caller = verify(token, self._settings.jwt_secret)
+            relationship_id = uuid.UUID(ws.query_params.get("relationship_id", ""))
+        except errors.Unauthenticated as exc:
+            return await _refuse(ws, UNAUTHORIZED, exc.message)
+        except ValueError:
+            return await _refuse(ws, FORBIDDEN, "relationship_id must be a UUID")
+        if self.closing:
+            return await _refuse(ws, SERVICE_RESTART, "shutting down")
+        try:
+            role = await self._gestures.role_in(
+                caller, relationship_id, ws.query_params.get("partner_id")
+            )
+        except (errors.Forbidden, errors.Invalid) as exc:
+            return await _refuse(ws, FORBIDDEN, exc.message)
+        except errors.Unavailable:
+            return await _refuse(ws, TRY_AGAIN_LATER, "database unavailable")
+
+        await ws.accept()
+        conn = Connection(
+            relationship_id,
+            role,
+            send=lambda frame: ws.send_text(frame.decode()),
+            close=lambda code, reason: _close(ws, code, reason),
+            on_delivered=self._gestures.delivered,
+            limit=self._settings.ws_queue_size,
+        )
+        log.info(
+            "socket opened",
+            extra={"conn_id": conn.id, "relationship_id": str(relationship_id), "role": role},
+        )
+        code = 1000
+        try:
+            await self._join(conn)
+            await self._presence.connected(relationship_id, role)
+            try:
+                await self._greet(conn)
+            except errors.Unavailable:
+                code = TRY_AGAIN_LATER
+                await _close(ws, code, "database unavailable")
+                return
+            code = await self._read(ws, conn, caller)
+        except Exception:
+            log.exception("socket failed", extra={"conn_id": conn.id})
+            code = INTERNAL
+            await _close(ws, INTERNAL, "internal error")
+        finally:
+            conn.closed = True
+            self._presence.disconnected(relationship_id, role)
+            await self._leave(conn)
+            log.info("socket closed", extra={"conn_id": conn.id, "code": code})
+
+    async def _greet(self, conn: Connection) -> None:
+        """The other partner's presence, then every pending gesture, oldest first."""
+        other = other_role(conn.role)
+        online = await self._presence.is_online(conn.relationship_id, other)
+        pending = await self._gestures.pending_for(conn.relationship_id, conn.role)
+        conn.other_online = online
+        first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]
+        for gesture in pending:
+            frame, delivered, dedupe = self._received(gesture)
+            first.append((frame, delivered, dedupe))
+        conn.open(first)
+
+    async def _read(self, ws: WebSocket, conn: Connection, caller) -> int:
+        limit = self._settings.ws_max_frame
+        while True:
+            try:
+                async with asyncio.timeout(self._settings.ws_idle_timeout):
+                    message = await ws.receive()
+            except TimeoutError:
+                await _close(ws, 1000, "idle timeout")
+                return 1000
+            if message["type"] == "websocket.disconnect":
+                return message.get("code", 1000)
+            data = message.get("text")
+            if data is None:
+                data = message.get("bytes") or b""
+            if len(data) > limit:
+                await _close(ws, TOO_BIG, "frame over 16 KiB")
+                return TOO_BIG
+            if conn.closed:
+                continue
+            await self._handle(conn, caller, data)
+
+    async def _handle(self, conn: Connection, caller, data: str | bytes) -> None:
+        try:
+            frame = frame_decoder.decode(data)
+        except DECODE_ERRORS as exc:
+            conn.push(_error(errors.Invalid(describe(exc, "frame")), _request_id(data)))
+            return
+        request_id = frame.request_id
+        try:
+            match frame:
+                case PingFrame():
+                    conn.push(encoder.encode(PongFrame(request_id=request_id)))
+                case GestureFrame():
+                    result, _ = await self._gestures.send(
+                        caller,
+                        conn.relationship_id,
+                        frame.gesture_type,
+                        conn.role,
+                        frame.message,
+                        frame.ai_generated,
+                        frame.idempotency_key,
+                    )
+                    sent = GestureSentFrame(gesture=result.gesture, request_id=request_id)
+                    conn.push(encoder.encode(sent))
+                case AcknowledgeFrame():
+                    result = await self._gestures.acknowledge(
+                        caller,
+                        frame.gesture_id,
+                        conn.role,
+                        frame.send_back,
+                        frame.send_back_type,
+                        frame.send_back_message,
+                    )
+                    if not result.acknowledged:
+                        conn.push(
+                            _error(errors.Invalid("gesture_id: already acknowledged"), request_id)
+                        )
+                        return
+                    confirm = AcknowledgeConfirmFrame(
+                        gesture_id=frame.gesture_id,
+                        response_gesture=result.response_gesture,
+                        request_id=request_id,
+                    )
+                    conn.push(encoder.encode(confirm))
+        except errors.ServiceError as exc:
+            conn.push(_error(exc, request_id))
+
+    # ------------------------------------------------------------------ shutdown
+
+    async def shutdown(self) -> None:
+        """Close every socket with 1012 so clients reconnect elsewhere."""
+        self.closing = True
+        conns = list(self.hub)
+        for conn in conns:
+            conn.closed = True
+        await asyncio.gather(*(c.drained() for c in conns), return_exceptions=True)
+
+
+def _as_event(kind, gesture: Gesture, response: Gesture | None = None) -> Event:
+    fields = {
+        "event_id": uuid.uuid4(),
+        "occurred_at": datetime.now(UTC),
+        "relationship_id": gesture.relationship_id,
+        "gesture": gesture,
+    }
+    if kind is GestureAcknowledged:
+        fields["response_gesture"] = response
+    return kind(**fields)
+
+
+def _error(exc: errors.ServiceError, request_id) -> bytes:
+    message = exc.message
+    if isinstance(exc, errors.RateLimited):
+        message = f"{message}; retry after {exc.retry_after} s"
+    return encoder.encode(ErrorFrame(code=exc.code, message=message, request_id=request_id))
+
+
+def _request_id(data: str | bytes):
+    try:
+        return envelope_decoder.decode(data).request_id
+    except (*DECODE_ERRORS, ValueError):
+        return None
+
+
+async def _refuse(ws: WebSocket, code: int, reason: str) -> None:
+    """Accept only to close with a code the client can read (a rejected handshake can't)."""
+    await ws.accept()
+    await ws.close(code, reason)
+
+
+async def _close(ws: WebSocket, code: int, reason: str) -> None:
+    """Close with `code`; a client that stopped reading cannot take even the close frame,
+    so after a second its transport is aborted."""
+    if ws.application_state == WebSocketState.DISCONNECTED:
+        return
+    try:
+        async with asyncio.timeout(1.0):
+            await ws.close(code, reason)
+            return
+    except TimeoutError:
+        pass
+    except Exception:
+        return
+    _abort(ws)
+
+
+def _abort(ws: WebSocket) -> None:
+    """Drop the TCP connection under the ASGI server. The ASGI interface has no abort, but
+    uvicorn's send callable is a method of its protocol object, which owns the transport."""
+    protocol = getattr(getattr(ws, "_send", None), "__self__", None)
+    transport = getattr(protocol, "transport", None)
+    if transport is not None:
+        transport.abort()
+    else:
+        log.warning("cannot abort a stuck socket under this server")

@@ -1,0 +1,199 @@
+"""This process's sockets and their bounded outgoing queues. Plain asyncio, no network.
+
+A `Connection` wraps a socket's send and close functions. Frames pushed to it go into a
+queue of at most `limit` frames; a writer task drains the queue and exists only while there
+is something to write, so an idle connection costs no task. A connection whose queue is full
+is a slow consumer: it is closed, its queue dropped, and the rest of the process carries on.
+
+Until `open()` is called a connection holds what is pushed to it, so the frames it must see
+first on connect (presence, pending gestures) go out before anything that arrived meanwhile.
+Every gesture frame carries a dedupe key, so a frame that arrives twice (an event published
+twice, a resync after a broken subscription) reaches the client once.
+"""
+
+import asyncio
+import itertools
+import logging
+import uuid
+from collections import deque
+from collections.abc import Awaitable, Callable, Iterator
+
+log = logging.getLogger(__name__)
+
+SLOW_CONSUMER = 1008
+_SEEN_LIMIT = 256
+_ids = itertools.count(1)
+
+Dedupe = tuple[str, uuid.UUID]
+
+
+class Connection:
+    __slots__ = (
+        "_close",
+        "_flusher",
+        "_held",
+        "_limit",
+        "_on_delivered",
+        "_queue",
+        "_seen",
+        "_send",
+        "closed",
+        "id",
+        "other_online",
+        "relationship_id",
+        "role",
+    )
+
+    def __init__(
+        self,
+        relationship_id: uuid.UUID,
+        role: str,
+        *,
+        send: Callable[[bytes], Awaitable[None]],
+        close: Callable[[int, str], Awaitable[None]],
+        on_delivered: Callable[[uuid.UUID], None],
+        limit: int,
+    ) -> None:
+        self.id = next(_ids)
+        self.relationship_id = relationship_id
+        self.role = role
+        self._send = send
+        self._close = close
+        self._on_delivered = on_delivered
+        self._limit = limit
+        self._queue: deque[tuple[bytes, uuid.UUID | None]] = deque()
+        self._held: list[tuple[bytes, uuid.UUID | None, Dedupe | None]] | None = []
+        self._seen: dict[Dedupe, None] = {}
+        self._flusher: asyncio.Task[None] | None = None
+        self.closed = False
+        self.other_online: bool | None = None
+
+    def push(
+        self, frame: bytes, *, delivered: uuid.UUID | None = None, dedupe: Dedupe | None = None
+    ) -> None:
+        """Queue a frame. `delivered` names a gesture this frame hands to its recipient."""
+        if self.closed:
+            return
+        if dedupe is not None:
+            if dedupe in self._seen:
+                return
+            self._remember(dedupe)
+        if self._held is not None:
+            self._held.append((frame, delivered, dedupe))
+            if len(self._held) > self._limit:
+                self.overflow()
+            return
+        self._enqueue(frame, delivered)
+
+    def open(self, first: list[tuple[bytes, uuid.UUID | None, Dedupe | None]]) -> None:
+        """Start sending: `first`, then what was pushed before `open` and is not in `first`."""
+        held, self._held = self._held or [], None
+        keys = set()
+        for frame, delivered, dedupe in first:
+            if dedupe is not None:
+                keys.add(dedupe)
+                self._remember(dedupe)
+            self._enqueue(frame, delivered)
+        for frame, delivered, dedupe in held:
+            if dedupe is None or dedupe not in keys:
+                self._enqueue(frame, delivered)
+
+    def _remember(self, dedupe: Dedupe) -> None:
+        self._seen[dedupe] = None
+        if len(self._seen) > _SEEN_LIMIT:
+            del self._seen[next(iter(self._seen))]
+
+    def _enqueue(self, frame: bytes, delivered: uuid.UUID | None) -> None:
+        if self.closed:
+            return
+        if len(self._queue) >= self._limit:
+            self.overflow()
+            return
+        self._queue.append((frame, delivered))
+        if self._flusher is None:
+            self._flusher = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        try:
+            while self._queue and not self.closed:
+                frame, delivered = self._queue.popleft()
+                await self._send(frame)
+                if delivered is not None:
+                    self._on_delivered(delivered)
+        except Exception:
+            self.closed = True  # the socket is gone; its reader sees the disconnect
+        finally:
+            self._flusher = None
+
+    def overflow(self) -> None:
+        """Close as a slow consumer: drop its queue, keep the process's memory bounded."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
+        log.warning(
+            "closing slow consumer",
+            extra={"conn_id": self.id, "relationship_id": str(self.relationship_id)},
+        )
+        asyncio.get_running_loop().create_task(self._close(SLOW_CONSUMER, "slow consumer"))
+
+    async def drained(self) -> None:
+        """Wait until what is queued has been written (used at shutdown)."""
+        flusher = self._flusher
+        if flusher is not None:
+            await asyncio.shield(flusher)
+
+
+class Hub:
+    """Connections by relationship."""
+
+    def __init__(self) -> None:
+        self._by_relationship: dict[uuid.UUID, list[Connection]] = {}
+
+    def add(self, conn: Connection) -> bool:
+        """Register; True when it is this process's first connection of its relationship."""
+        conns = self._by_relationship.setdefault(conn.relationship_id, [])
+        conns.append(conn)
+        return len(conns) == 1
+
+    def remove(self, conn: Connection) -> bool:
+        """Unregister; True when it was this process's last connection of its relationship."""
+        conns = self._by_relationship.get(conn.relationship_id)
+        if conns is None or conn not in conns:
+            return False
+        conns.remove(conn)
+        if conns:
+            return False
+        del self._by_relationship[conn.relationship_id]
+        return True
+
+    def of(self, relationship_id: uuid.UUID, role: str | None = None) -> list[Connection]:
+        conns = self._by_relationship.get(relationship_id, ())
+        return [c for c in conns if role is None or c.role == role]
+
+    def push(
+        self,
+        relationship_id: uuid.UUID,
+        role: str,
+        frame: bytes,
+        *,
+        delivered: uuid.UUID | None = None,
+        dedupe: Dedupe | None = None,
+    ) -> int:
+        """Queue a frame for every connection of `role` in the relationship; how many."""
+        n = 0
+        for conn in self._by_relationship.get(relationship_id, ()):
+            if conn.role == role:
+                conn.push(frame, delivered=delivered, dedupe=dedupe)
+                n += 1
+        return n
+
+    def relationships(self) -> list[uuid.UUID]:
+        return list(self._by_relationship)
+
+    def __iter__(self) -> Iterator[Connection]:
+        for conns in list(self._by_relationship.values()):
+            yield from conns
+
+    def __len__(self) -> int:
+        return sum(len(c) for c in self._by_relationship.values())

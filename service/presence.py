@@ -1,0 +1,174 @@
+"""Who is online, as Redis entries that heartbeats keep alive.
+
+Each partner of each relationship has a sorted set `{prefix}{relationship}:{role}` whose
+members are the processes holding one of that partner's connections, scored by when the
+entry expires. A process refreshes its entries every `ttl / 3` seconds, so a process killed
+with `kill -9` stops counting within `ttl` seconds. A partner is online while any unexpired
+entry exists.
+
+When a partner's first entry appears or last one goes, a `PresenceChange` is published on
+`{prefix}{relationship}` from inside the same Lua script, so the change and its
+announcement cannot be torn apart. A process announces the expiry of another process's
+entries when its sweep finds them. The last local connection's entry is removed only after
+`grace` seconds, so a phone that changes networks and reconnects does not flap.
+"""
+
+import asyncio
+import logging
+import time
+import uuid
+from collections import Counter
+
+import redis.asyncio as aioredis
+from redis.exceptions import RedisError
+
+log = logging.getLogger(__name__)
+
+# KEYS[1] the partner's set, KEYS[2] the presence channel.
+# ARGV: node, now, expires_at, ttl_ms, partner
+_JOIN = """
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+local before = redis.call('ZCARD', KEYS[1])
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[4])
+if before == 0 then
+  redis.call('PUBLISH', KEYS[2], '{"partner":"' .. ARGV[5] .. '","online":true}')
+  return 1
+end
+return 0
+"""
+# ARGV: node (or '' for a sweep), now, partner
+_LEAVE = """
+local removed = 0
+if ARGV[1] ~= '' then removed = redis.call('ZREM', KEYS[1], ARGV[1]) end
+removed = removed + redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[2])
+if removed > 0 and redis.call('ZCARD', KEYS[1]) == 0 then
+  redis.call('PUBLISH', KEYS[2], '{"partner":"' .. ARGV[3] .. '","online":false}')
+  return 1
+end
+return 0
+"""
+
+
+class Presence:
+    """This process's share of presence: local counts, grace timers, heartbeats."""
+
+    def __init__(self, redis: aioredis.Redis, *, prefix: str, node: str, ttl: float, grace: float):
+        self._redis = redis
+        self._prefix = prefix
+        self._node = node
+        self._ttl = ttl
+        self._grace = grace
+        self._local: Counter[tuple[uuid.UUID, str]] = Counter()
+        self._leaving: dict[tuple[uuid.UUID, str], asyncio.TimerHandle] = {}
+        self._join = redis.register_script(_JOIN)
+        self._leave = redis.register_script(_LEAVE)
+
+    def key(self, relationship_id: uuid.UUID, role: str) -> str:
+        return f"{self._prefix}{relationship_id}:{role}"
+
+    def channel(self, relationship_id: uuid.UUID) -> str:
+        return f"{self._prefix}{relationship_id}"
+
+    async def is_online(self, relationship_id: uuid.UUID, role: str) -> bool:
+        """Whether `role` holds a connection on any live process; False if Redis is down."""
+        try:
+            n = await self._redis.zcount(self.key(relationship_id, role), time.time(), "+inf")
+        except (RedisError, OSError):
+            return False
+        return n > 0
+
+    async def connected(self, relationship_id: uuid.UUID, role: str) -> None:
+        entry = (relationship_id, role)
+        self._local[entry] += 1
+        timer = self._leaving.pop(entry, None)
+        if timer is not None:
+            timer.cancel()
+            return  # our entry never went away
+        if self._local[entry] == 1:
+            await self._run_join(entry)
+
+    def disconnected(self, relationship_id: uuid.UUID, role: str) -> None:
+        entry = (relationship_id, role)
+        self._local[entry] -= 1
+        if self._local[entry] > 0:
+            return
+        del self._local[entry]
+        loop = asyncio.get_running_loop()
+        self._leaving[entry] = loop.call_later(
+            self._grace, lambda: loop.create_task(self._run_leave(entry))
+        )
+
+    async def _run_join(self, entry: tuple[uuid.UUID, str]) -> None:
+        now = time.time()
+        try:
+            await self._join(
+                keys=[self.key(*entry), self.channel(entry[0])],
+                args=[self._node, now, now + self._ttl, int(self._ttl * 1000), entry[1]],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("presence join failed", extra={"error": repr(exc)})
+
+    async def _run_leave(self, entry: tuple[uuid.UUID, str], node: str | None = None) -> None:
+        self._leaving.pop(entry, None)
+        if entry in self._local and node is None:
+            return  # came back between the timer firing and now
+        try:
+            await self._leave(
+                keys=[self.key(*entry), self.channel(entry[0])],
+                args=[self._node if node is None else node, time.time(), entry[1]],
+            )
+        except (RedisError, OSError) as exc:
+            log.warning("presence leave failed", extra={"error": repr(exc)})
+
+    async def run(self) -> None:
+        """Refresh our entries every ttl/3 seconds; sweep our partners' every ttl/6."""
+        beat = 0
+        while True:
+            await asyncio.sleep(self._ttl / 6)
+            beat += 1
+            try:
+                if beat % 2 == 0:
+                    await self._refresh()
+                await self._sweep()
+            except (RedisError, OSError) as exc:
+                log.warning("presence heartbeat failed", extra={"error": repr(exc)})
+
+    async def _refresh(self) -> None:
+        entries = list(self._local) + list(self._leaving)
+        if not entries:
+            return
+        expires = time.time() + self._ttl
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                key = self.key(*entry)
+                pipe.zadd(key, {self._node: expires})
+                pipe.pexpire(key, int(self._ttl * 1000))
+            await pipe.execute()
+
+    async def _sweep(self) -> None:
+        """Announce, for the partners of our connected users, entries that expired."""
+        others = {
+            (rel, "partner_b" if role == "partner_a" else "partner_a") for rel, role in self._local
+        }
+        if not others:
+            return
+        now = time.time()
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in others:
+                await self._leave(
+                    keys=[self.key(*entry), self.channel(entry[0])],
+                    args=["", now, entry[1]],
+                    client=pipe,
+                )
+            await pipe.execute()
+
+    async def close(self) -> None:
+        """Drop every entry of this process now (shutdown), announcing what goes offline."""
+        for timer in self._leaving.values():
+            timer.cancel()
+        entries = set(self._local) | set(self._leaving)
+        self._local.clear()
+        self._leaving.clear()
+        for entry in entries:
+            await self._run_leave(entry, node=self._node)

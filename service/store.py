@@ -1,0 +1,528 @@
+"""All SQL, over one asyncpg pool.
+
+Functions take a connection and return Structs from `schemas`; asyncpg Records never leave
+this module. Every column is named. What spans rows runs in one transaction, opened by the
+caller with `transaction(pool)`. Connection failures and timeouts become `errors.Unavailable`,
+so a PostgreSQL outage answers 503 within `db_timeout` seconds instead of hanging.
+
+`GroupCommit` runs the writes of many concurrent callers in one transaction: PostgreSQL
+spends most of a small write on the commit, so a batch of 50 costs little more than one. A
+caller is answered only after the transaction that holds its write has committed.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import asyncpg
+
+from . import errors
+from .schemas import Gesture, Relationship
+
+log = logging.getLogger(__name__)
+
+Connection = asyncpg.Connection
+Pool = asyncpg.Pool
+
+GESTURE_COLUMNS = """id, relationship_id, gesture_type, sent_by, message,
+    coalesce(ai_generated, false) AS ai_generated, sent_at, delivered_at,
+    acknowledged_at, acknowledged_by, response_gesture_id"""
+
+# Failures that mean "PostgreSQL is not there", as opposed to a bug or a constraint.
+_UNAVAILABLE = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    asyncpg.CannotConnectNowError,
+    asyncpg.TooManyConnectionsError,
+    asyncpg.QueryCanceledError,
+    asyncpg.AdminShutdownError,
+)
+
+
+def _gesture(r: asyncpg.Record) -> Gesture:
+    return Gesture(
+        id=r["id"],
+        relationship_id=r["relationship_id"],
+        gesture_type=r["gesture_type"],
+        sent_by=r["sent_by"],
+        message=r["message"],
+        ai_generated=r["ai_generated"],
+        sent_at=r["sent_at"],
+        delivered_at=r["delivered_at"],
+        acknowledged_at=r["acknowledged_at"],
+        acknowledged_by=r["acknowledged_by"],
+        response_gesture_id=r["response_gesture_id"],
+    )
+
+
+# ---------------------------------------------------------------------------- pool
+
+
+async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float) -> Pool:
+    """The pool's one constructor. Raises Unavailable when PostgreSQL does not answer."""
+    try:
+        return await asyncpg.create_pool(
+            dsn,
+            min_size=min_size,
+            max_size=max_size,
+            timeout=timeout,
+            command_timeout=timeout,
+            max_inactive_connection_lifetime=60.0,
+        )
+    except _UNAVAILABLE as exc:
+        raise errors.Unavailable(f"PostgreSQL did not answer: {type(exc).__name__}") from exc
+
+
+@contextlib.asynccontextmanager
+async def connection(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connection]:
+    """A pooled connection; PostgreSQL being away becomes Unavailable."""
+    try:
+        async with asyncio.timeout(timeout):
+            conn = await pool.acquire()
+    except _UNAVAILABLE as exc:
+        raise errors.Unavailable("PostgreSQL is unavailable") from exc
+    try:
+        yield conn
+    except _UNAVAILABLE as exc:
+        raise errors.Unavailable("PostgreSQL is unavailable") from exc
+    finally:
+        await pool.release(conn)
+
+
+@contextlib.asynccontextmanager
+async def transaction(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connection]:
+    async with connection(pool, timeout) as conn:
+        try:
+            async with conn.transaction():
+                yield conn
+        except _UNAVAILABLE as exc:
+            raise errors.Unavailable("PostgreSQL is unavailable") from exc
+
+
+async def ping(pool: Pool) -> None:
+    async with connection(pool, 2.0) as conn:
+        await conn.fetchval("SELECT 1", timeout=2.0)
+
+
+# ---------------------------------------------------------------------------- migrations
+
+_MIGRATIONS_TABLE = """CREATE TABLE IF NOT EXISTS schema_migrations (
+    version TEXT PRIMARY KEY,
+    checksum TEXT NOT NULL,
+    applied_at TIMESTAMP WITH TIME ZONE NOT NULL DEFAULT NOW())"""
+# Any constant: the key of the advisory lock that serialises concurrent `migrate` runs.
+_MIGRATION_LOCK = 7_311_852_046
+
+
+def migrations_dir() -> Path:
+    """`sql/` beside the package in a checkout, or inside it in an installed wheel."""
+    here = Path(__file__).resolve().parent
+    for candidate in (here / "sql", here.parent / "sql"):
+        if candidate.is_dir():
+            return candidate
+    raise FileNotFoundError("no sql/ directory with the migrations was found")
+
+
+def migration_files() -> list[tuple[str, str]]:
+    """(version, SQL text) for every migration, in order."""
+    return [(p.stem, p.read_text()) for p in sorted(migrations_dir().glob("*.sql"))]
+
+
+async def apply_migrations(conn: Connection, progress: Callable[[str], None]) -> list[str]:
+    """Apply what is missing, in order, each in its own transaction; returns what ran.
+
+    Holds an advisory lock, so concurrent runs wait for each other and the second finds
+    nothing left to do.
+    """
+    applied: list[str] = []
+    await conn.execute("SELECT pg_advisory_lock($1)", _MIGRATION_LOCK)
+    try:
+        await conn.execute(_MIGRATIONS_TABLE)
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+        for version, sql in migration_files():
+            if version in done:
+                continue
+            progress(f"applying {version}")
+            async with conn.transaction():
+                await conn.execute(sql)
+                await conn.execute(
+                    "INSERT INTO schema_migrations (version, checksum) VALUES ($1, $2)",
+                    version,
+                    hashlib.sha256(sql.encode()).hexdigest(),
+                )
+            applied.append(version)
+    finally:
+        await conn.execute("SELECT pg_advisory_unlock($1)", _MIGRATION_LOCK)
+    return applied
+
+
+async def missing_migrations(conn: Connection) -> list[str]:
+    exists = await conn.fetchval("SELECT to_regclass('schema_migrations') IS NOT NULL")
+    done: set[str] = set()
+    if exists:
+        done = {r["version"] for r in await conn.fetch("SELECT version FROM schema_migrations")}
+    return [version for version, _ in migration_files() if version not in done]
+
+
+# ---------------------------------------------------------------------------- relationships
+
+
+async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Relationship | None:
+    r = await conn.fetchrow(
+        "SELECT id, partner_a_id, partner_b_id, created_at FROM relationships WHERE id = $1",
+        relationship_id,
+    )
+    return None if r is None else Relationship(**dict(r))
+
+
+async def put_relationship(
+    conn: Connection, relationship_id: uuid.UUID, partner_a_id: str | None, partner_b_id: str | None
+) -> Relationship:
+    r = await conn.fetchrow(
+        """INSERT INTO relationships (id, partner_a_id, partner_b_id) VALUES ($1, $2, $3)
+        ON CONFLICT (id) DO UPDATE
+            SET partner_a_id = EXCLUDED.partner_a_id, partner_b_id = EXCLUDED.partner_b_id
+        RETURNING id, partner_a_id, partner_b_id, created_at""",
+        relationship_id,
+        partner_a_id,
+        partner_b_id,
+    )
+    return Relationship(**dict(r))
+
+
+# ---------------------------------------------------------------------------- gestures
+
+
+class NewGesture:
+    """A gesture to insert; `id` is chosen before the insert so a key can point at it."""
+
+    __slots__ = ("ai_generated", "gesture_type", "id", "message", "relationship_id", "sent_by")
+
+    def __init__(
+        self,
+        relationship_id: uuid.UUID,
+        gesture_type: str,
+        sent_by: str,
+        message: str | None,
+        ai_generated: bool,
+    ) -> None:
+        self.id = uuid.uuid4()
+        self.relationship_id = relationship_id
+        self.gesture_type = gesture_type
+        self.sent_by = sent_by
+        self.message = message
+        self.ai_generated = ai_generated
+
+
+async def insert_gestures(conn: Connection, new: Sequence[NewGesture]) -> list[Gesture]:
+    """Insert many gestures in one statement; returned in the order given.
+
+    `sent_at` is `clock_timestamp()`, so gestures of one batch still have distinct, ordered
+    times.
+    """
+    rows = await conn.fetch(
+        f"""INSERT INTO connection_gestures
+            (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
+        SELECT id, relationship_id, gesture_type, sent_by, message, ai_generated,
+               clock_timestamp()
+        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[])
+            WITH ORDINALITY
+            AS t(id, relationship_id, gesture_type, sent_by, message, ai_generated, n)
+        ORDER BY n
+        RETURNING {GESTURE_COLUMNS}""",
+        [g.id for g in new],
+        [g.relationship_id for g in new],
+        [g.gesture_type for g in new],
+        [g.sent_by for g in new],
+        [g.message for g in new],
+        [g.ai_generated for g in new],
+    )
+    by_id = {r["id"]: _gesture(r) for r in rows}
+    return [by_id[g.id] for g in new]
+
+
+async def claim_idempotency_key(
+    conn: Connection,
+    new: NewGesture,
+    key: str,
+    fingerprint: bytes,
+    window_hours: int,
+) -> tuple[uuid.UUID, bytes] | None:
+    """Claim `key` for `new`; None when claimed, else the (gesture id, fingerprint) it holds.
+
+    A concurrent claim of the same key waits on the primary key until the first commits,
+    then finds it taken: the same key sent at once to two processes yields one gesture.
+    """
+    claimed = await conn.fetchval(
+        """INSERT INTO gesture_idempotency
+            (relationship_id, sent_by, key, fingerprint, gesture_id)
+        VALUES ($1, $2, $3, $4, $5)
+        ON CONFLICT (relationship_id, sent_by, key) DO UPDATE
+            SET fingerprint = EXCLUDED.fingerprint, gesture_id = EXCLUDED.gesture_id,
+                created_at = now()
+            WHERE gesture_idempotency.created_at < now() - make_interval(hours => $6)
+        RETURNING gesture_id""",
+        new.relationship_id,
+        new.sent_by,
+        key,
+        fingerprint,
+        new.id,
+        window_hours,
+    )
+    if claimed is not None:
+        return None
+    r = await conn.fetchrow(
+        """SELECT gesture_id, fingerprint FROM gesture_idempotency
+        WHERE relationship_id = $1 AND sent_by = $2 AND key = $3""",
+        new.relationship_id,
+        new.sent_by,
+        key,
+    )
+    return r["gesture_id"], bytes(r["fingerprint"])
+
+
+async def forget_idempotency_keys(conn: Connection, window_hours: int) -> int:
+    status = await conn.execute(
+        "DELETE FROM gesture_idempotency WHERE created_at < now() - make_interval(hours => $1)",
+        window_hours,
+    )
+    return int(status.split()[-1])
+
+
+async def get_gesture(conn: Connection, gesture_id: uuid.UUID) -> Gesture | None:
+    r = await conn.fetchrow(
+        f"SELECT {GESTURE_COLUMNS} FROM connection_gestures WHERE id = $1", gesture_id
+    )
+    return None if r is None else _gesture(r)
+
+
+async def get_gestures(conn: Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, Gesture]:
+    rows = await conn.fetch(
+        f"SELECT {GESTURE_COLUMNS} FROM connection_gestures WHERE id = any($1::uuid[])", ids
+    )
+    return {r["id"]: _gesture(r) for r in rows}
+
+
+async def pending(conn: Connection, relationship_id: uuid.UUID, recipient: str) -> list[Gesture]:
+    """Unacknowledged gestures sent to `recipient`, oldest first."""
+    rows = await conn.fetch(
+        f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
+        WHERE relationship_id = $1 AND sent_by <> $2 AND acknowledged_at IS NULL
+        ORDER BY sent_at, id""",
+        relationship_id,
+        recipient,
+    )
+    return [_gesture(r) for r in rows]
+
+
+async def recent(
+    conn: Connection,
+    relationship_id: uuid.UUID,
+    limit: int,
+    before: tuple[datetime, uuid.UUID] | None,
+) -> list[Gesture]:
+    """Newest first, strictly older than `before` (sent_at, id) when given."""
+    if before is None:
+        rows = await conn.fetch(
+            f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures WHERE relationship_id = $1
+            ORDER BY sent_at DESC, id DESC LIMIT $2""",
+            relationship_id,
+            limit,
+        )
+    else:
+        rows = await conn.fetch(
+            f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
+            WHERE relationship_id = $1 AND (sent_at, id) < ($3, $4)
+            ORDER BY sent_at DESC, id DESC LIMIT $2""",
+            relationship_id,
+            limit,
+            before[0],
+            before[1],
+        )
+    return [_gesture(r) for r in rows]
+
+
+async def acknowledge(conn: Connection, gesture_id: uuid.UUID, by: str) -> Gesture | None:
+    """Mark acknowledged unless it already is; None when another acknowledgement won.
+
+    Concurrent acknowledgements queue on the row lock; each re-checks `acknowledged_at IS
+    NULL` after the winner commits, so exactly one gets the row.
+    """
+    r = await conn.fetchrow(
+        f"""UPDATE connection_gestures
+        SET acknowledged_at = clock_timestamp(), acknowledged_by = $2
+        WHERE id = $1 AND acknowledged_at IS NULL
+        RETURNING {GESTURE_COLUMNS}""",
+        gesture_id,
+        by,
+    )
+    return None if r is None else _gesture(r)
+
+
+async def link_response(conn: Connection, gesture_id: uuid.UUID, response_id: uuid.UUID) -> Gesture:
+    r = await conn.fetchrow(
+        f"""UPDATE connection_gestures SET response_gesture_id = $2 WHERE id = $1
+        RETURNING {GESTURE_COLUMNS}""",
+        gesture_id,
+        response_id,
+    )
+    return _gesture(r)
+
+
+async def mark_delivered(conn: Connection, ids: Sequence[uuid.UUID]) -> list[Gesture]:
+    """Set delivered_at where it is still null; returns only the gestures this call marked."""
+    rows = await conn.fetch(
+        f"""UPDATE connection_gestures SET delivered_at = clock_timestamp()
+        WHERE id = any($1::uuid[]) AND delivered_at IS NULL
+        RETURNING {GESTURE_COLUMNS}""",
+        ids,
+    )
+    return [_gesture(r) for r in rows]
+
+
+async def changed_since(
+    conn: Connection, relationship_ids: Sequence[uuid.UUID], since: datetime
+) -> list[Gesture]:
+    """What a subscriber that lost its connection at `since` may have missed."""
+    rows = await conn.fetch(
+        f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
+        WHERE relationship_id = any($1::uuid[])
+          AND (acknowledged_at IS NULL OR acknowledged_at >= $2
+               OR delivered_at >= $2 OR sent_at >= $2)
+        ORDER BY sent_at, id""",
+        relationship_ids,
+        since,
+    )
+    return [_gesture(r) for r in rows]
+
+
+# ---------------------------------------------------------------------------- outbox
+
+
+class OutboxRow:
+    __slots__ = ("channel", "id", "payload")
+
+    def __init__(self, id: int, channel: str, payload: bytes) -> None:
+        self.id = id
+        self.channel = channel
+        self.payload = payload
+
+
+async def add_outbox(conn: Connection, events: Sequence[tuple[str, bytes]]) -> list[OutboxRow]:
+    if not events:
+        return []
+    rows = await conn.fetch(
+        """INSERT INTO gesture_outbox (channel, payload)
+        SELECT channel, payload FROM unnest($1::text[], $2::bytea[]) AS t(channel, payload)
+        RETURNING id""",
+        [c for c, _ in events],
+        [p for _, p in events],
+    )
+    return [OutboxRow(r["id"], c, p) for r, (c, p) in zip(rows, events, strict=True)]
+
+
+async def take_outbox(conn: Connection, min_age: float, limit: int) -> list[OutboxRow]:
+    """Rows older than `min_age` seconds, locked for this transaction, oldest first."""
+    rows = await conn.fetch(
+        """SELECT id, channel, payload FROM gesture_outbox
+        WHERE created_at < now() - make_interval(secs => $1)
+        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
+        min_age,
+        limit,
+    )
+    return [OutboxRow(r["id"], r["channel"], bytes(r["payload"])) for r in rows]
+
+
+async def delete_outbox(conn: Connection, ids: Sequence[int]) -> None:
+    await conn.execute("DELETE FROM gesture_outbox WHERE id = any($1::bigint[])", ids)
+
+
+# ---------------------------------------------------------------------------- group commit
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class GroupCommit(Generic[T, R]):
+    """Runs `work(conn, items)` for many callers' items in one transaction.
+
+    Writers take whatever has queued while the previous transaction ran, so batches grow with
+    load and a lone caller waits for nobody. `work` returns one result per item. If a batch
+    fails, its items are retried one by one, so one bad item fails alone.
+    """
+
+    def __init__(
+        self,
+        pool: Pool,
+        work: Callable[[Connection, list[T]], Awaitable[list[R]]],
+        *,
+        after_commit: Callable[[list[R]], None] | None = None,
+        writers: int = 4,
+        max_batch: int = 128,
+        timeout: float = 5.0,
+    ) -> None:
+        self._pool = pool
+        self._work = work
+        self._after_commit = after_commit
+        self._writers = writers
+        self._max_batch = max_batch
+        self._timeout = timeout
+        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        self._ready = asyncio.Event()
+
+    async def submit(self, item: T) -> R:
+        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, future))
+        self._ready.set()
+        return await future
+
+    async def run(self) -> None:
+        """Run the writers until cancelled."""
+        async with asyncio.TaskGroup() as group:
+            for _ in range(self._writers):
+                group.create_task(self._writer())
+
+    async def _writer(self) -> None:
+        while True:
+            while not self._queue:
+                self._ready.clear()
+                await self._ready.wait()
+            batch = self._queue[: self._max_batch]
+            del self._queue[: self._max_batch]
+            if self._queue:
+                self._ready.set()
+            await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
+        try:
+            async with transaction(self._pool, self._timeout) as conn:
+                results = await self._work(conn, [item for item, _ in batch])
+        except Exception as exc:
+            if len(batch) > 1 and not isinstance(exc, errors.Unavailable):
+                for one in batch:
+                    await self._commit([one])
+                return
+            if not isinstance(exc, errors.ServiceError):
+                log.exception("group commit failed", extra={"items": len(batch)})
+            for _, future in batch:
+                if not future.done():
+                    future.set_exception(exc)
+            return
+        for (_, future), result in zip(batch, results, strict=True):
+            if not future.done():
+                future.set_result(result)
+        if self._after_commit is not None:
+            self._after_commit(results)
+
+
+def fingerprint(*parts: Any) -> bytes:
+    """A stable digest of a request's meaningful fields, to tell a replay from a reuse."""
+    return hashlib.sha256(repr(parts).encode()).digest()
