@@ -36,6 +36,7 @@ class MissingMigrations(RuntimeError):
 
 def create_app(settings: config.Settings | None = None) -> Starlette:
     logs.configure()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
         nonlocal settings

@@ -24,7 +24,6 @@ import atexit
 import hashlib
 import json
 import os
-import signal
 import subprocess
 import tempfile
 import time
@@ -43,6 +42,8 @@ def start_postgres(data_dir: Path) -> str:
         import pgserver
 
     pgdata = (Path(data_dir) / "postgres").resolve()
+    if any(c.isspace() for c in str(pgdata)):  # pgserver passes it to postgres unquoted
+        raise ValueError(f"the embedded PostgreSQL needs a data path without spaces: {pgdata}")
     pgdata.mkdir(parents=True, exist_ok=True)
     _forget_dead_pids(pgdata / ".handle_pids.json")
     server = pgserver.get_server(pgdata, cleanup_mode="stop")
@@ -63,16 +64,16 @@ def start_redis(data_dir: Path) -> str:
     if len(os.fsencode(sock)) > _SOCKET_MAX:
         digest = hashlib.sha256(os.fsencode(rdir)).hexdigest()[:12]
         sock = Path(tempfile.gettempdir()) / f"gesture-redis-{digest}.sock"
-    url = f"unix://{sock}?db=0"
+    url = f"unix://{quote(str(sock))}?db=0"
     if _redis_pid(rdir) is None:
         config = {
             "daemonize": "yes",
             "port": "0",
-            "unixsocket": str(sock),
+            "unixsocket": _quoted(sock),
             "unixsocketperm": "700",
-            "dir": str(rdir),
-            "pidfile": str(rdir / "redis.pid"),
-            "logfile": str(rdir / "redis.log"),
+            "dir": _quoted(rdir),
+            "pidfile": _quoted(rdir / "redis.pid"),
+            "logfile": _quoted(rdir / "redis.log"),
             "save": '""',
             "appendonly": "no",
         }
@@ -103,17 +104,19 @@ def stop_all() -> None:
 
         pid = _redis_pid(rdir)
         if pid is not None:
-            os.kill(pid, signal.SIGTERM)
-            try:
-                psutil.Process(pid).wait(10)
-            except psutil.NoSuchProcess:
-                pass
-            except psutil.TimeoutExpired:
-                os.kill(pid, signal.SIGKILL)
+            proc = psutil.Process(pid)
+            proc.terminate()  # redis-server exits cleanly on SIGTERM
+            for straggler in psutil.wait_procs([proc], timeout=10)[1]:
+                straggler.kill()
         (rdir / "owner.pid").unlink(missing_ok=True)
     server = _started.pop("postgres", None)
     if server is not None:
         server.cleanup()  # type: ignore[attr-defined]
+
+
+def _quoted(path: Path) -> str:
+    """A path as a double-quoted redis.conf string."""
+    return json.dumps(str(path), ensure_ascii=False)
 
 
 def _redis_pid(rdir: Path) -> int | None:
