@@ -106,7 +106,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         ttl=settings.presence_ttl,
         grace=settings.presence_grace,
     )
-    gestures = Gestures(settings, pool, redis, publisher, presence)
+    gestures = Gestures(settings, pool, redis, publisher, presence, settings.relationship_cache_ttl)
     gateway = Gateway(
         settings,
         gestures,

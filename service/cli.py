@@ -6,7 +6,11 @@
   under `.dev/`, makes a `JWT_SECRET` there if none is set, migrates, and starts two
   service processes, so cross-process delivery is there from the first run.
 * `token` prints a signed token for trying the API.
+* `watch` prints the events published on Redis, as other services receive them.
 * `schema` writes the JSON Schema of the Redis events (and the OpenAPI description).
+
+`dev` records the URLs it used in `.dev/`, so `token` and `watch` find them when run from
+the same folder with nothing set.
 """
 
 import argparse
@@ -38,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
     who.add_argument("--sub", help="the user id")
     who.add_argument("--service", action="store_true", help="a service_role token")
     token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default a day)")
+    watch = sub.add_parser("watch", help="print events from Redis (REDIS_URL or .dev/'s)")
+    watch.add_argument("relationship_id", nargs="?", help="one relationship (default: all)")
     schema = sub.add_parser("schema", help="write schemas/event.schema.json and openapi.json")
     schema.add_argument("--dir", type=Path, default=Path("schemas"))
     args = parser.parse_args(argv)
@@ -51,6 +57,8 @@ def main(argv: list[str] | None = None) -> int:
                 secret = os.environ.get("JWT_SECRET") or _dev_secret(create=False)
                 print(auth.issue(secret, sub=args.sub, service=args.service, ttl=args.ttl))
                 return 0
+            case "watch":
+                return watch_events(args.relationship_id)
             case "schema":
                 return write_schemas(args.dir)
     except config.ConfigError as exc:
@@ -106,6 +114,8 @@ def dev_server(processes: int, first_port: int) -> int:
             env["REDIS_URL"] = embedded.start_redis(DEV_DIR.resolve())
     if not env.get("JWT_SECRET"):
         env["JWT_SECRET"] = _dev_secret(create=True)
+    DEV_DIR.mkdir(exist_ok=True)
+    (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
     migrate(env["DATABASE_URL"])
     ports = [first_port + i for i in range(processes)]
     children = [
@@ -138,6 +148,7 @@ def dev_server(processes: int, first_port: int) -> int:
         print("\nTokens (signed with the dev secret in .dev/jwt_secret):")
         print("  python -m service token --service      # creates relationships")
         print("  python -m service token --sub alice      # acts as a partner")
+        print("Events as other services see them: python -m service watch")
         print("\nCtrl-C stops everything.", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
@@ -165,6 +176,26 @@ def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"the process on port {port} did not become ready within 60 s")
+
+
+def watch_events(relationship_id: str | None) -> int:
+    import redis
+
+    url = os.environ.get("REDIS_URL")
+    if not url and (DEV_DIR / "redis_url").exists():
+        url = (DEV_DIR / "redis_url").read_text().strip()
+    if not url:
+        raise config.ConfigError("REDIS_URL is not set (and no .dev/redis_url: run `dev` once)")
+    prefix = os.environ.get("CHANNEL_PREFIX", "gestures:")
+    pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"{prefix}{relationship_id or '*'}")
+    print(f"watching {prefix}{relationship_id or '*'}; Ctrl-C stops", flush=True)
+    try:
+        for message in pubsub.listen():
+            print(message["channel"].decode(), message["data"].decode(), flush=True)
+    except KeyboardInterrupt:
+        return 0
+    return 0
 
 
 def write_schemas(directory: Path) -> int:

@@ -27,6 +27,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Rules
     rate_limit_per_minute: int = 60
     idempotency_hours: int = 24
+    # How long a process trusts a relationship row it read (0: read it on every request).
+    relationship_cache_ttl: float = 5.0
     # Redis names
     channel_prefix: str = "gestures:"
     presence_prefix: str = "gesture-presence:"
@@ -55,6 +57,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "DB_TIMEOUT": ("db_timeout", float),
     "RATE_LIMIT_PER_MINUTE": ("rate_limit_per_minute", int),
     "IDEMPOTENCY_HOURS": ("idempotency_hours", int),
+    "RELATIONSHIP_CACHE_TTL": ("relationship_cache_ttl", float),
     "CHANNEL_PREFIX": ("channel_prefix", str),
     "PRESENCE_PREFIX": ("presence_prefix", str),
     "PRESENCE_TTL": ("presence_ttl", float),
@@ -65,6 +68,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "RELAY_INTERVAL": ("relay_interval", float),
     "RELAY_MIN_AGE": ("relay_min_age", float),
 }
+_ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL"}
 _REQUIRED = {
     "DATABASE_URL": "the PostgreSQL DSN, e.g. postgresql://user@host:5432/db",
     "REDIS_URL": "the Redis URL, e.g. redis://127.0.0.1:6379/0",
@@ -85,8 +89,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = parser(raw)
         except ValueError:
-            raise ConfigError(f"{name} must be a {parser.__name__}, got {raw!r}") from None
-        if parser is not str and value <= 0:
+            kind = "an integer" if parser is int else "a number"
+            raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
+        if parser is not str and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
             raise ConfigError(f"{name} must be positive, got {raw!r}")
         values[field] = value
     return Settings(**values)
