@@ -4,8 +4,18 @@
 -- Description: Partner-to-partner emotional gestures
 -- ============================================
 
--- Enable UUID extension if not already enabled
-CREATE EXTENSION IF NOT EXISTS "uuid-ossp";
+-- Enable UUID extension if not already enabled.
+-- Where the server does not ship uuid-ossp (the embedded pgserver build, for one), define
+-- the one function this table uses on top of the built-in gen_random_uuid(), so the
+-- table below is the same everywhere.
+DO $$
+BEGIN
+    CREATE EXTENSION IF NOT EXISTS "uuid-ossp";
+EXCEPTION WHEN feature_not_supported OR undefined_file THEN
+    CREATE OR REPLACE FUNCTION uuid_generate_v4() RETURNS uuid
+        LANGUAGE sql VOLATILE AS 'SELECT gen_random_uuid()';
+END
+$$;
 
 -- ============================================
 -- TABLE: connection_gestures

@@ -16,6 +16,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import httpx
@@ -75,11 +76,13 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 def _with_database(dsn: str, name: str) -> str:
-    base, _, _ = dsn.rpartition("/")
-    query = ""
-    if "?" in dsn.rpartition("/")[2]:
-        query = "?" + dsn.rpartition("/")[2].split("?", 1)[1]
-    return f"{base}/{name}{query}"
+    """The same DSN naming database `name` (works for unix-socket DSNs too)."""
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path=f"/{name}"))
+
+
+def _database_name(dsn: str) -> str:
+    return urlsplit(dsn).path.lstrip("/")
 
 
 def create_database(admin_dsn: str, migrate: bool = True) -> str:
@@ -104,7 +107,7 @@ def create_database(admin_dsn: str, migrate: bool = True) -> str:
 
 
 def drop_database(admin_dsn: str, dsn: str) -> None:
-    name = dsn.rpartition("/")[2].split("?")[0]
+    name = _database_name(dsn)
 
     async def run() -> None:
         conn = await asyncpg.connect(admin_dsn)
