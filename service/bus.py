@@ -159,6 +159,7 @@ class Subscriber:
         self._pubsub: aioredis.client.PubSub | None = None
         self.connected = asyncio.Event()
         self._last_seen = time.time()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     async def subscribe(self, channels: Sequence[str], timeout: float = 5.0) -> bool:
         """Subscribe; True once Redis confirmed, False if it did not within `timeout`."""
@@ -243,7 +244,11 @@ class Subscriber:
                 if channel == self._node_channel and not resynced:
                     resynced = True
                     log.info("pub/sub reconnected", extra={"channels": len(self._channels)})
-                    asyncio.get_running_loop().create_task(self._on_resubscribed(resync_since))
+                    task = asyncio.get_running_loop().create_task(
+                        self._on_resubscribed(resync_since)
+                    )
+                    self._tasks.add(task)  # the loop holds tasks weakly
+                    task.add_done_callback(self._tasks.discard)
 
     async def _watch(self, reader: asyncio.Task[None]) -> None:
         """Ping our own channel; no message of any kind for 3 beats means a dead link."""

@@ -30,6 +30,7 @@ Dedupe = tuple[str, uuid.UUID]
 class Connection:
     __slots__ = (
         "_close",
+        "_closer",
         "_flusher",
         "_held",
         "_limit",
@@ -65,6 +66,7 @@ class Connection:
         self._held: list[tuple[bytes, uuid.UUID | None, Dedupe | None]] | None = []
         self._seen: dict[Dedupe, None] = {}
         self._flusher: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
         self.closed = False
         self.other_online: bool | None = None
 
@@ -135,7 +137,10 @@ class Connection:
             "closing slow consumer",
             extra={"conn_id": self.id, "relationship_id": str(self.relationship_id)},
         )
-        asyncio.get_running_loop().create_task(self._close(SLOW_CONSUMER, "slow consumer"))
+        # Held by the connection, since the loop holds tasks only weakly.
+        self._closer = asyncio.get_running_loop().create_task(
+            self._close(SLOW_CONSUMER, "slow consumer")
+        )
 
     async def drained(self) -> None:
         """Wait until what is queued has been written (used at shutdown)."""

@@ -61,6 +61,7 @@ class Presence:
         self._grace = grace
         self._local: Counter[tuple[uuid.UUID, str]] = Counter()
         self._leaving: dict[tuple[uuid.UUID, str], asyncio.TimerHandle] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
         self._join = redis.register_script(_JOIN)
         self._leave = redis.register_script(_LEAVE)
 
@@ -95,9 +96,12 @@ class Presence:
             return
         del self._local[entry]
         loop = asyncio.get_running_loop()
-        self._leaving[entry] = loop.call_later(
-            self._grace, lambda: loop.create_task(self._run_leave(entry))
-        )
+        self._leaving[entry] = loop.call_later(self._grace, self._spawn_leave, entry)
+
+    def _spawn_leave(self, entry: tuple[uuid.UUID, str]) -> None:
+        task = asyncio.get_running_loop().create_task(self._run_leave(entry))
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._tasks.discard)
 
     async def _run_join(self, entry: tuple[uuid.UUID, str]) -> None:
         now = time.time()
