@@ -91,6 +91,12 @@ async def _body(request: Request, decoder: msgspec.json.Decoder):
     try:
         return decoder.decode(bytes(chunks))
     except msgspec.ValidationError as exc:
+        # The typed decoder stops at the first bad field, before it sees that the rest is
+        # not JSON (truncated, trailing garbage): such a body is 400, not 422.
+        try:
+            msgspec.json.decode(bytes(chunks))
+        except DECODE_ERRORS as not_json:
+            raise BadRequest(400, describe(not_json)) from None
         raise BadRequest(422, describe(exc)) from None
     except DECODE_ERRORS as exc:
         raise BadRequest(400, describe(exc)) from None

@@ -158,7 +158,8 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
     finally:
         await _shutdown(settings, gateway, presence, gestures, publisher, running)
         await redis_pubsub.aclose()
-        await redis.aclose()
+        # A client made on a pool passed in leaves that pool open unless told to close it.
+        await redis.aclose(close_connection_pool=True)
 
 
 async def _shutdown(settings, gateway, presence, gestures, publisher, running) -> None:

@@ -23,7 +23,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     db_pool_min: int = 2
     db_pool_max: int = 10
     redis_max_connections: int = 200
-    db_timeout: float = 5.0
+    db_timeout: float = 4.0
     # Rules
     rate_limit_per_minute: int = 60
     idempotency_hours: int = 24

@@ -91,7 +91,12 @@ async def connection(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connecti
         raise errors.Unavailable("PostgreSQL is unavailable") from exc
     try:
         yield conn
-    except _UNAVAILABLE as exc:
+    except (*_UNAVAILABLE, errors.Unavailable) as exc:
+        # After a timeout asyncpg sends a CancelRequest and `release` waits for it: another
+        # `timeout` against a PostgreSQL that does not answer. Drop the connection instead.
+        conn.terminate()
+        if isinstance(exc, errors.Unavailable):
+            raise
         raise errors.Unavailable("PostgreSQL is unavailable") from exc
     finally:
         await pool.release(conn)
@@ -102,7 +107,11 @@ async def transaction(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connect
     async with connection(pool, timeout) as conn:
         try:
             async with conn.transaction():
-                yield conn
+                try:
+                    yield conn
+                except _UNAVAILABLE:
+                    conn.terminate()  # ROLLBACK would wait too; closing aborts the transaction
+                    raise
         except _UNAVAILABLE as exc:
             raise errors.Unavailable("PostgreSQL is unavailable") from exc
 

@@ -1,0 +1,49 @@
+"""Configuration comes from the environment alone; a bad value stops start-up, named."""
+
+import pytest
+
+from service.config import ConfigError, Settings, from_env
+
+GOOD = {
+    "DATABASE_URL": "postgresql://root@127.0.0.1:5432/postgres",
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "JWT_SECRET": "a-secret-long-enough-for-hs256-signing!",
+}
+
+
+def test_complete_environment_gives_settings_with_documented_defaults():
+    s = from_env(GOOD)
+    assert isinstance(s, Settings)
+    assert s.database_url == GOOD["DATABASE_URL"]
+    assert s.port == 8000
+    assert s.rate_limit_per_minute == 60
+    assert s.channel_prefix == "gestures:"
+
+
+@pytest.mark.parametrize("name", ["DATABASE_URL", "REDIS_URL", "JWT_SECRET"])
+@pytest.mark.parametrize("value", [None, ""])
+def test_missing_required_variable_is_refused_by_name(name, value):
+    env = dict(GOOD)
+    if value is None:
+        del env[name]
+    else:
+        env[name] = value
+    with pytest.raises(ConfigError, match=name):
+        from_env(env)
+
+
+@pytest.mark.parametrize("port", ["eighty", "80.5", "-1", "0"])
+def test_bad_port_is_refused_by_name(port):
+    with pytest.raises(ConfigError, match="PORT"):
+        from_env({**GOOD, "PORT": port})
+
+
+def test_port_is_read():
+    assert from_env({**GOOD, "PORT": "9123"}).port == 9123
+
+
+def test_non_numeric_tuning_variable_is_refused_by_name():
+    with pytest.raises(ConfigError, match="RATE_LIMIT_PER_MINUTE"):
+        from_env({**GOOD, "RATE_LIMIT_PER_MINUTE": "lots"})
+    with pytest.raises(ConfigError, match="DB_TIMEOUT"):
+        from_env({**GOOD, "DB_TIMEOUT": "soon"})
