@@ -126,9 +126,6 @@ def _caller(request: Request) -> Caller:
 async def send(request: Request, g: Gestures) -> Response:
     caller = _caller(request)
     body: SendGestureBody = await _body(request, send_body_decoder)
-    key = request.headers.get("idempotency-key")
-    if key is not None and not (0 < len(key) <= 200 and key.isprintable() and key.isascii()):
-        raise BadRequest(422, "Idempotency-Key: 1 to 200 printable ASCII characters")
     result, _ = await g.send(
         caller,
         body.relationship_id,
@@ -136,7 +133,7 @@ async def send(request: Request, g: Gestures) -> Response:
         body.sender_id,
         body.message,
         body.ai_generated,
-        key,
+        request.headers.get("idempotency-key"),
     )
     return json(result)
 

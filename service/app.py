@@ -90,8 +90,11 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
             socket_connect_timeout=1.0,
         )
     )
-    # Pub/sub waits for messages indefinitely: no read timeout on its connection.
-    redis_pubsub = aioredis.Redis.from_url(settings.redis_url, socket_connect_timeout=1.0)
+    # Pub/sub waits for messages: its read timeout is longer than the subscriber's own
+    # watchdog (3 missed heartbeats of 3 s), which is what notices a silent link.
+    redis_pubsub = aioredis.Redis.from_url(
+        settings.redis_url, socket_connect_timeout=1.0, socket_timeout=15.0
+    )
     publisher = Publisher(
         redis,
         pool,

@@ -11,7 +11,7 @@ import time
 import jwt
 
 from . import errors
-from .schemas import Relationship
+from .schemas import ROLES, Relationship
 
 _ALGORITHMS = ["HS256"]
 SERVICE_ROLE = "service_role"
@@ -66,6 +66,8 @@ def role_of(
     """
     if relationship is None:
         raise errors.Forbidden("not a partner of this relationship")
+    if named is not None and named not in ROLES:
+        raise errors.Invalid(f"{field}: must be partner_a or partner_b")
     if caller.is_service:
         if named is None:
             raise errors.Invalid(f"{field}: a service token must name the partner it acts as")

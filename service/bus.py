@@ -181,6 +181,12 @@ class Subscriber:
                 await asyncio.gather(*futures)
             return True
         except TimeoutError:
+            for channel, future in zip(channels, futures, strict=True):
+                waiting = self._waiting.get(channel, [])
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    self._waiting.pop(channel, None)
             return False
 
     async def unsubscribe(self, channels: Sequence[str]) -> None:
@@ -215,8 +221,13 @@ class Subscriber:
         try:
             # The node channel goes last: Redis confirms in order, so its confirmation means
             # every channel is subscribed and a resync can safely read PostgreSQL.
-            await pubsub.subscribe(*self._channels, self._node_channel)
+            sent = set(self._channels)
+            await pubsub.subscribe(*sent, self._node_channel)
             self.connected.set()
+            # Channels added while that SUBSCRIBE was in flight were not in it.
+            while missing := self._channels - sent:
+                sent |= missing
+                await pubsub.subscribe(*missing)
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(pubsub, resync_since))
                 group.create_task(self._watch(reader))
@@ -248,7 +259,12 @@ class Subscriber:
                         self._on_resubscribed(resync_since)
                     )
                     self._tasks.add(task)  # the loop holds tasks weakly
-                    task.add_done_callback(self._tasks.discard)
+                    task.add_done_callback(self._resync_done)
+
+    def _resync_done(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("resync failed", exc_info=task.exception())
 
     async def _watch(self, reader: asyncio.Task[None]) -> None:
         """Ping our own channel; no message of any kind for 3 beats means a dead link."""

@@ -76,7 +76,9 @@ def _require(name: str) -> str:
 
 def migrate(dsn: str) -> int:
     async def run() -> list[str]:
-        pool = await store.create_pool(dsn, min_size=1, max_size=1, timeout=10.0)
+        pool = await store.create_pool(
+            dsn, min_size=1, max_size=1, timeout=10.0, command_timeout=None
+        )
         try:
             async with store.connection(pool, 60.0) as conn:
                 return await store.apply_migrations(conn, lambda line: print(line, flush=True))

@@ -41,6 +41,7 @@ from .schemas import (
     SendResult,
     encoder,
     other_role,
+    valid_idempotency_key,
 )
 
 log = logging.getLogger(__name__)
@@ -158,35 +159,79 @@ class Gestures:
         message: str | None,
         ai_generated: bool,
         idempotency_key: str | None,
+        want_online: bool = True,
     ) -> tuple[SendResult, bool]:
-        """Send a gesture; returns the result and whether it is new (False for a replay)."""
+        """Send a gesture; returns the result and whether it is new (False for a replay).
+
+        `recipient_online` costs nothing extra: it rides in the rate limit's round trip to
+        Redis. Callers that do not need it (the gateway) pass `want_online=False`.
+        """
         role = role_of(caller, await self.relationship(relationship_id), named)
-        await self._admit(relationship_id, role)
+        if idempotency_key is not None and not valid_idempotency_key(idempotency_key):
+            raise errors.Invalid("Idempotency-Key: 1 to 200 printable ASCII characters, no space")
         new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated)
-        fingerprint = store.fingerprint(gesture_type, message, ai_generated)
+        fingerprint = b""
+        if idempotency_key is not None:
+            fingerprint = store.fingerprint(gesture_type, message, ai_generated)
+        recipient = other_role(role) if want_online else None
+        try:
+            online = await self._admit(relationship_id, role, recipient)
+        except errors.RateLimited:
+            # A retry of a send that went through is answered, not limited.
+            replay = await self._replay(new, idempotency_key, fingerprint)
+            if replay is None:
+                raise
+            return SendResult(gesture=replay, recipient_online=False), False
         outcome = await self._sends.submit(_SendItem(new, idempotency_key, fingerprint))
         if isinstance(outcome, errors.ServiceError):
             raise outcome
-        online = await self._presence.is_online(relationship_id, other_role(role))
         return SendResult(gesture=outcome.gesture, recipient_online=online), outcome.fresh
 
-    async def _admit(self, relationship_id: uuid.UUID, role: str) -> None:
-        """Count one send against the sender's limit; RateLimited past it."""
+    async def _admit(self, relationship_id: uuid.UUID, role: str, recipient: str | None) -> bool:
+        """Count one send against the sender's limit (RateLimited past it); and whether
+        `recipient` is online, in the same round trip. Redis away: admitted, offline."""
         limit = self._settings.rate_limit_per_minute
         try:
-            wait_ms = await self._rate_limit(
-                keys=[f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"],
-                args=[int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex],
-            )
+            async with self._redis.pipeline(transaction=False) as pipe:
+                await self._rate_limit(
+                    keys=[f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"],
+                    args=[int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex],
+                    client=pipe,
+                )
+                if recipient is not None:
+                    self._presence.count_online(pipe, relationship_id, recipient)
+                results = await pipe.execute()
         except (RedisError, OSError) as exc:
             log.warning("rate limit unavailable, admitting", extra={"error": repr(exc)})
-            return
+            return False
+        wait_ms = int(results[0])
         if wait_ms:
             raise errors.RateLimited(
-                f"at most {limit} gestures a minute", retry_after=math.ceil(int(wait_ms) / 1000)
+                f"at most {limit} gestures a minute", retry_after=math.ceil(wait_ms / 1000)
             )
+        return recipient is not None and int(results[1]) > 0
+
+    async def _replay(
+        self, new: store.NewGesture, key: str | None, fingerprint: bytes
+    ) -> Gesture | None:
+        if key is None:
+            return None
+        async with store.connection(self._pool, self._timeout) as conn:
+            held = await store.find_idempotency_key(conn, new.relationship_id, new.sent_by, key)
+            if held is None or held[1] != fingerprint:
+                return None
+            return await store.get_gesture(conn, held[0])
 
     async def _commit_sends(
+        self, conn: store.Connection, items: list[_SendItem]
+    ) -> list[_Sent | errors.ServiceError]:
+        if all(item.key is None for item in items):
+            # The common case: gestures and events in one statement, one round trip.
+            return await self._insert(conn, items)  # type: ignore[return-value]
+        async with store.atomic(conn):
+            return await self._commit_keyed(conn, items)
+
+    async def _commit_keyed(
         self, conn: store.Connection, items: list[_SendItem]
     ) -> list[_Sent | errors.ServiceError]:
         outcomes: list[_Sent | errors.ServiceError | None] = [None] * len(items)
@@ -206,15 +251,25 @@ class Gestures:
                         replays[i] = held[0]
                     continue
             fresh.append(i)
-        inserted = await store.insert_gestures(conn, [items[i].new for i in fresh])
-        rows = await store.add_outbox(conn, [self._sent_event(g) for g in inserted])
-        for i, gesture, row in zip(fresh, inserted, rows, strict=True):
-            outcomes[i] = _Sent(gesture, True, [row])
+        if fresh:
+            inserted = await self._insert(conn, [items[i] for i in fresh])
+            for i, sent in zip(fresh, inserted, strict=True):
+                outcomes[i] = sent
         if replays:
             found = await store.get_gestures(conn, list(replays.values()))
             for i, gesture_id in replays.items():
                 outcomes[i] = _Sent(found[gesture_id], False, [])
         return outcomes  # type: ignore[return-value]
+
+    async def _insert(self, conn: store.Connection, items: list[_SendItem]) -> list[_Sent]:
+        gestures = [item.new.gesture() for item in items]
+        events = [self._sent_event(g) for g in gestures]
+        rows = await store.insert_sent(conn, [item.new for item in items], events)
+        by_payload = {row.payload: row for row in rows}  # each payload has its own event_id
+        return [
+            _Sent(g, True, [by_payload[payload]])
+            for g, (_, payload) in zip(gestures, events, strict=True)
+        ]
 
     def _publish_sends(self, outcomes: list[_Sent | errors.ServiceError]) -> None:
         self._publisher.publish(row for o in outcomes if isinstance(o, _Sent) for row in o.outbox)
@@ -271,7 +326,7 @@ class Gestures:
         if original.acknowledged_at is not None:
             return AcknowledgeResult(acknowledged=False, response_gesture=None)
         if send_back:
-            await self._admit(original.relationship_id, role)
+            await self._admit(original.relationship_id, role, None)
         async with store.transaction(self._pool, self._timeout) as conn:
             acknowledged = await store.acknowledge(conn, gesture_id, role)
             if acknowledged is None:
@@ -355,7 +410,12 @@ class Gestures:
         while True:
             await self._deliveries_ready.wait()
             self._deliveries_ready.clear()
-            await self.flush_deliveries()
+            try:
+                await self.flush_deliveries()
+            except Exception as exc:  # keep marking: a dead loop would mark nothing again
+                log.error("delivery marks failed", extra={"error": type(exc).__name__})
+                await asyncio.sleep(1.0)
+                self._deliveries_ready.set()
 
     async def flush_deliveries(self) -> None:
         """Mark what is queued in one transaction; on failure keep it for the next pass."""
@@ -363,6 +423,13 @@ class Gestures:
             return
         ids = list(self._deliveries)
         self._deliveries.clear()
+        try:
+            await self._mark(ids)
+        except Exception:
+            self._deliveries.update(ids)
+            raise
+
+    async def _mark(self, ids: list[uuid.UUID]) -> None:
         try:
             async with store.transaction(self._pool, self._timeout) as conn:
                 marked = await store.mark_delivered(conn, ids)
@@ -384,10 +451,7 @@ class Gestures:
                     ],
                 )
         except errors.Unavailable:
-            self._deliveries.update(ids)
-            await asyncio.sleep(1.0)
-            self._deliveries_ready.set()
-            return
+            raise
         self._publisher.publish(rows)
 
 

@@ -9,14 +9,16 @@ import logging
 import re
 
 _TOKEN = re.compile(r"(token=)[^&\s\"']+", re.IGNORECASE)
+# Anything shaped like a JWT, wherever it stands (`%74oken=` decodes to `token=` too).
+_JWT = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
 class Redact(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if "token=" in message.lower():
-            record.msg = _TOKEN.sub(r"\1[redacted]", message)
+        if "token=" in message.lower() or "eyJ" in message:
+            record.msg = _JWT.sub("[redacted]", _TOKEN.sub(r"\1[redacted]", message))
             record.args = None
         return True
 

@@ -58,6 +58,9 @@ class Presence:
         self._prefix = prefix
         self._node = node
         self._ttl = ttl
+        # The set outlives its entries, so a sweep still finds a dead process's expired entry
+        # and announces the partner offline; were it to expire with the entry, nobody would.
+        self._key_ttl_ms = int(ttl * 2000)
         self._grace = grace
         self._local: Counter[tuple[uuid.UUID, str]] = Counter()
         self._leaving: dict[tuple[uuid.UUID, str], asyncio.TimerHandle] = {}
@@ -78,6 +81,10 @@ class Presence:
         except (RedisError, OSError):
             return False
         return n > 0
+
+    def count_online(self, pipe, relationship_id: uuid.UUID, role: str) -> None:
+        """Queue, on a pipeline, the count of `role`'s live entries (> 0: online)."""
+        pipe.zcount(self.key(relationship_id, role), time.time(), "+inf")
 
     async def connected(self, relationship_id: uuid.UUID, role: str) -> None:
         entry = (relationship_id, role)
@@ -108,7 +115,7 @@ class Presence:
         try:
             await self._join(
                 keys=[self.key(*entry), self.channel(entry[0])],
-                args=[self._node, now, now + self._ttl, int(self._ttl * 1000), entry[1]],
+                args=[self._node, now, now + self._ttl, self._key_ttl_ms, entry[1]],
             )
         except (RedisError, OSError) as exc:
             log.warning("presence join failed", extra={"error": repr(exc)})
@@ -147,7 +154,7 @@ class Presence:
             for entry in entries:
                 key = self.key(*entry)
                 pipe.zadd(key, {self._node: expires})
-                pipe.pexpire(key, int(self._ttl * 1000))
+                pipe.pexpire(key, self._key_ttl_ms)
             await pipe.execute()
 
     async def _sweep(self) -> None:

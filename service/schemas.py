@@ -6,6 +6,7 @@ unions on `type` and `event`. Events tolerate unknown fields and give every new 
 default, so two versions of the service can share Redis during a deploy.
 """
 
+import re
 import uuid
 from datetime import datetime
 from typing import Annotated, Literal
@@ -31,10 +32,16 @@ Message = Annotated[
         description="At most 280 characters; no control character but newline and tab.",
     ),
 ]
-IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[\x21-\x7e]+$")]
+_IDEMPOTENCY_KEY = r"^[\x21-\x7e]{1,200}$"
+IdempotencyKey = Annotated[str, Meta(min_length=1, max_length=200, pattern=_IDEMPOTENCY_KEY)]
 UserId = Annotated[str, Meta(min_length=1, max_length=200, pattern=r"^[^\x00-\x1f\x7f-\x9f]+$")]
 RequestId = Annotated[str, Meta(max_length=128)] | int
 Limit = Annotated[int, Meta(ge=1, le=100)]
+
+
+def valid_idempotency_key(key: str) -> bool:
+    """The rule of `IdempotencyKey`, for a key that arrives in a header."""
+    return re.fullmatch(_IDEMPOTENCY_KEY[1:-1], key) is not None
 
 
 def other_role(role: str) -> str:

@@ -5,9 +5,12 @@ this module. Every column is named. What spans rows runs in one transaction, ope
 caller with `transaction(pool)`. Connection failures and timeouts become `errors.Unavailable`,
 so a PostgreSQL outage answers 503 within `db_timeout` seconds instead of hanging.
 
-`GroupCommit` runs the writes of many concurrent callers in one transaction: PostgreSQL
-spends most of a small write on the commit, so a batch of 50 costs little more than one. A
-caller is answered only after the transaction that holds its write has committed.
+`GroupCommit` runs the writes of many concurrent callers in one statement or transaction:
+PostgreSQL spends most of a small write on the commit, so a batch of 50 costs little more
+than one. A caller is answered only after the commit that holds its write.
+
+Times: `sent_at` is set by the service when it admits a send (so the event can be written in
+the same statement as the row); `delivered_at` and `acknowledged_at` are the database's.
 """
 
 import asyncio
@@ -16,7 +19,7 @@ import hashlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -66,19 +69,35 @@ def _gesture(r: asyncpg.Record) -> Gesture:
 # ---------------------------------------------------------------------------- pool
 
 
-async def create_pool(dsn: str, *, min_size: int, max_size: int, timeout: float) -> Pool:
-    """The pool's one constructor. Raises Unavailable when PostgreSQL does not answer."""
+async def create_pool(
+    dsn: str,
+    *,
+    min_size: int,
+    max_size: int,
+    timeout: float,
+    command_timeout: float | None = -1.0,
+) -> Pool:
+    """The pool's one constructor. Raises Unavailable when PostgreSQL does not answer.
+    Statements time out after `command_timeout` (default: `timeout`; None: never, for
+    migrations that wait on a lock or build an index)."""
     try:
         return await asyncpg.create_pool(
             dsn,
             min_size=min_size,
             max_size=max_size,
             timeout=timeout,
-            command_timeout=timeout,
+            command_timeout=timeout if command_timeout == -1.0 else command_timeout,
             max_inactive_connection_lifetime=60.0,
+            reset=_keep_session,
         )
     except _UNAVAILABLE as exc:
         raise errors.Unavailable(f"PostgreSQL did not answer: {type(exc).__name__}") from exc
+
+
+async def _keep_session(conn: Connection) -> None:
+    """Pool reset that sends nothing: this service keeps no session state (no LISTEN, no
+    session advisory lock, no SET) on pooled connections, so asyncpg's default reset query
+    would be a round trip per release for nothing."""
 
 
 @contextlib.asynccontextmanager
@@ -103,17 +122,24 @@ async def connection(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connecti
 
 
 @contextlib.asynccontextmanager
+async def atomic(conn: Connection) -> AsyncIterator[Connection]:
+    """A transaction on `conn`; PostgreSQL being away drops the connection instead of
+    waiting for a ROLLBACK that would not come."""
+    try:
+        async with conn.transaction():
+            try:
+                yield conn
+            except _UNAVAILABLE:
+                conn.terminate()  # ROLLBACK would wait too; closing aborts the transaction
+                raise
+    except _UNAVAILABLE as exc:
+        raise errors.Unavailable("PostgreSQL is unavailable") from exc
+
+
+@contextlib.asynccontextmanager
 async def transaction(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connection]:
-    async with connection(pool, timeout) as conn:
-        try:
-            async with conn.transaction():
-                try:
-                    yield conn
-                except _UNAVAILABLE:
-                    conn.terminate()  # ROLLBACK would wait too; closing aborts the transaction
-                    raise
-        except _UNAVAILABLE as exc:
-            raise errors.Unavailable("PostgreSQL is unavailable") from exc
+    async with connection(pool, timeout) as conn, atomic(conn):
+        yield conn
 
 
 async def ping(pool: Pool) -> None:
@@ -181,6 +207,15 @@ async def missing_migrations(conn: Connection) -> list[str]:
     return [version for version, _ in migration_files() if version not in done]
 
 
+class OutboxRow:
+    __slots__ = ("channel", "id", "payload")
+
+    def __init__(self, id: int, channel: str, payload: bytes) -> None:
+        self.id = id
+        self.channel = channel
+        self.payload = payload
+
+
 # ---------------------------------------------------------------------------- relationships
 
 
@@ -211,9 +246,19 @@ async def put_relationship(
 
 
 class NewGesture:
-    """A gesture to insert; `id` is chosen before the insert so a key can point at it."""
+    """A gesture to insert. `id` is chosen before the insert, so an idempotency key can
+    point at it, and `sent_at` when the send was admitted, so its event can be written in
+    the same statement as the row (see `insert_sent`)."""
 
-    __slots__ = ("ai_generated", "gesture_type", "id", "message", "relationship_id", "sent_by")
+    __slots__ = (
+        "ai_generated",
+        "gesture_type",
+        "id",
+        "message",
+        "relationship_id",
+        "sent_at",
+        "sent_by",
+    )
 
     def __init__(
         self,
@@ -229,31 +274,85 @@ class NewGesture:
         self.sent_by = sent_by
         self.message = message
         self.ai_generated = ai_generated
+        self.sent_at = datetime.now(UTC)
+
+    def gesture(self) -> Gesture:
+        """The row as `insert_sent` writes it."""
+        return Gesture(
+            id=self.id,
+            relationship_id=self.relationship_id,
+            gesture_type=self.gesture_type,
+            sent_by=self.sent_by,
+            message=self.message,
+            ai_generated=self.ai_generated,
+            sent_at=self.sent_at,
+            delivered_at=None,
+            acknowledged_at=None,
+            acknowledged_by=None,
+            response_gesture_id=None,
+        )
 
 
-async def insert_gestures(conn: Connection, new: Sequence[NewGesture]) -> list[Gesture]:
-    """Insert many gestures in one statement; returned in the order given.
+_INSERT_ROWS = """unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
+    $6::bool[], $7::timestamptz[])"""
 
-    `sent_at` is `clock_timestamp()`, so gestures of one batch still have distinct, ordered
-    times.
-    """
-    rows = await conn.fetch(
-        f"""INSERT INTO connection_gestures
-            (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
-        SELECT id, relationship_id, gesture_type, sent_by, message, ai_generated,
-               clock_timestamp()
-        FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[])
-            WITH ORDINALITY
-            AS t(id, relationship_id, gesture_type, sent_by, message, ai_generated, n)
-        ORDER BY n
-        RETURNING {GESTURE_COLUMNS}""",
+
+def _columns(new: Sequence[NewGesture]) -> list[list]:
+    return [
         [g.id for g in new],
         [g.relationship_id for g in new],
         [g.gesture_type for g in new],
         [g.sent_by for g in new],
         [g.message for g in new],
         [g.ai_generated for g in new],
-    )
+        [g.sent_at for g in new],
+    ]
+
+
+@contextlib.contextmanager
+def _relationship_must_exist():
+    """A relationship deleted after the caller's role was derived (a cached row) makes the
+    insert break its foreign key: the same answer as for one that never existed."""
+    try:
+        yield
+    except asyncpg.ForeignKeyViolationError as exc:
+        if exc.constraint_name and "relationship" in exc.constraint_name:
+            raise errors.Forbidden("not a partner of this relationship") from None
+        raise
+
+
+async def insert_sent(
+    conn: Connection, new: Sequence[NewGesture], events: Sequence[tuple[str, bytes]]
+) -> list[OutboxRow]:
+    """Insert gestures and their outbox events in one statement: one round trip, atomic
+    without a transaction (data-modifying WITH clauses run to completion, all or nothing)."""
+    with _relationship_must_exist():
+        rows = await conn.fetch(
+            f"""WITH g AS (
+            INSERT INTO connection_gestures
+                (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
+            SELECT * FROM {_INSERT_ROWS}
+            RETURNING id)
+        INSERT INTO gesture_outbox (channel, payload)
+        SELECT channel, payload FROM unnest($8::text[], $9::bytea[]) AS e(channel, payload)
+        RETURNING id, channel, payload""",
+            *_columns(new),
+            [c for c, _ in events],
+            [p for _, p in events],
+        )
+    return [OutboxRow(r["id"], r["channel"], r["payload"]) for r in rows]
+
+
+async def insert_gestures(conn: Connection, new: Sequence[NewGesture]) -> list[Gesture]:
+    """Insert many gestures in one statement; returned in the order given."""
+    with _relationship_must_exist():
+        rows = await conn.fetch(
+            f"""INSERT INTO connection_gestures
+                (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
+            SELECT * FROM {_INSERT_ROWS}
+            RETURNING {GESTURE_COLUMNS}""",
+            *_columns(new),
+        )
     by_id = {r["id"]: _gesture(r) for r in rows}
     return [by_id[g.id] for g in new]
 
@@ -270,7 +369,17 @@ async def claim_idempotency_key(
     A concurrent claim of the same key waits on the primary key until the first commits,
     then finds it taken: the same key sent at once to two processes yields one gesture.
     """
-    claimed = await conn.fetchval(
+    with _relationship_must_exist():
+        claimed = await _claim(conn, new, key, fingerprint, window_hours)
+    if claimed is not None:
+        return None
+    return await find_idempotency_key(conn, new.relationship_id, new.sent_by, key)
+
+
+async def _claim(
+    conn: Connection, new: NewGesture, key: str, fingerprint: bytes, window_hours: int
+) -> uuid.UUID | None:
+    return await conn.fetchval(
         """INSERT INTO gesture_idempotency
             (relationship_id, sent_by, key, fingerprint, gesture_id)
         VALUES ($1, $2, $3, $4, $5)
@@ -286,16 +395,20 @@ async def claim_idempotency_key(
         new.id,
         window_hours,
     )
-    if claimed is not None:
-        return None
+
+
+async def find_idempotency_key(
+    conn: Connection, relationship_id: uuid.UUID, sent_by: str, key: str
+) -> tuple[uuid.UUID, bytes] | None:
+    """(gesture id, fingerprint) that `key` holds, if any (expired or not)."""
     r = await conn.fetchrow(
         """SELECT gesture_id, fingerprint FROM gesture_idempotency
         WHERE relationship_id = $1 AND sent_by = $2 AND key = $3""",
-        new.relationship_id,
-        new.sent_by,
+        relationship_id,
+        sent_by,
         key,
     )
-    return r["gesture_id"], bytes(r["fingerprint"])
+    return None if r is None else (r["gesture_id"], bytes(r["fingerprint"]))
 
 
 async def forget_idempotency_keys(conn: Connection, window_hours: int) -> int:
@@ -404,8 +517,7 @@ async def changed_since(
     rows = await conn.fetch(
         f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
         WHERE relationship_id = any($1::uuid[])
-          AND (acknowledged_at IS NULL OR acknowledged_at >= $2
-               OR delivered_at >= $2 OR sent_at >= $2)
+          AND (sent_at >= $2 OR delivered_at >= $2 OR acknowledged_at >= $2)
         ORDER BY sent_at, id""",
         relationship_ids,
         since,
@@ -414,15 +526,6 @@ async def changed_since(
 
 
 # ---------------------------------------------------------------------------- outbox
-
-
-class OutboxRow:
-    __slots__ = ("channel", "id", "payload")
-
-    def __init__(self, id: int, channel: str, payload: bytes) -> None:
-        self.id = id
-        self.channel = channel
-        self.payload = payload
 
 
 async def add_outbox(conn: Connection, events: Sequence[tuple[str, bytes]]) -> list[OutboxRow]:
@@ -461,11 +564,15 @@ R = TypeVar("R")
 
 
 class GroupCommit(Generic[T, R]):
-    """Runs `work(conn, items)` for many callers' items in one transaction.
+    """Runs `work(conn, items)` for many callers' items at once; `work` makes its writes
+    atomic (one statement, or `atomic(conn)`).
 
-    Writers take whatever has queued while the previous transaction ran, so batches grow with
+    Writers take whatever has queued while the previous batch ran, so batches grow with
     load and a lone caller waits for nobody. `work` returns one result per item. If a batch
-    fails, its items are retried one by one, so one bad item fails alone.
+    fails, its items are retried one by one, so one bad item fails alone. When PostgreSQL is
+    away, the batch and everything queued behind it fail at once with Unavailable; a caller
+    still queued after `timeout` gets Unavailable and its item is never written; and past
+    `max_queue` queued items, new ones are refused rather than let memory grow.
     """
 
     def __init__(
@@ -474,8 +581,9 @@ class GroupCommit(Generic[T, R]):
         work: Callable[[Connection, list[T]], Awaitable[list[R]]],
         *,
         after_commit: Callable[[list[R]], None] | None = None,
-        writers: int = 4,
-        max_batch: int = 128,
+        writers: int = 2,
+        max_batch: int = 256,
+        max_queue: int = 10_000,
         timeout: float = 5.0,
     ) -> None:
         self._pool = pool
@@ -483,15 +591,25 @@ class GroupCommit(Generic[T, R]):
         self._after_commit = after_commit
         self._writers = writers
         self._max_batch = max_batch
+        self._max_queue = max_queue
         self._timeout = timeout
         self._queue: list[tuple[T, asyncio.Future[R]]] = []
         self._ready = asyncio.Event()
 
     async def submit(self, item: T) -> R:
-        future: asyncio.Future[R] = asyncio.get_running_loop().create_future()
-        self._queue.append((item, future))
+        if len(self._queue) >= self._max_queue:
+            raise errors.Unavailable("too many writes waiting for PostgreSQL")
+        entry = (item, asyncio.get_running_loop().create_future())
+        self._queue.append(entry)
         self._ready.set()
-        return await future
+        try:
+            async with asyncio.timeout(self._timeout):
+                return await asyncio.shield(entry[1])
+        except TimeoutError:
+            if entry in self._queue:  # never taken by a writer: it will not be written
+                self._queue.remove(entry)
+                raise errors.Unavailable("PostgreSQL did not take the write in time") from None
+        return await entry[1]  # in a batch now; that batch has its own timeouts
 
     async def run(self) -> None:
         """Run the writers until cancelled."""
@@ -512,15 +630,22 @@ class GroupCommit(Generic[T, R]):
 
     async def _commit(self, batch: list[tuple[T, asyncio.Future[R]]]) -> None:
         try:
-            async with transaction(self._pool, self._timeout) as conn:
+            async with connection(self._pool, self._timeout) as conn:
                 results = await self._work(conn, [item for item, _ in batch])
+        except errors.Unavailable as exc:
+            queued, self._queue = self._queue, []
+            for _, future in batch + queued:
+                if not future.done():
+                    future.set_exception(exc)
+            return
         except Exception as exc:
-            if len(batch) > 1 and not isinstance(exc, errors.Unavailable):
+            if len(batch) > 1:
                 for one in batch:
                     await self._commit([one])
                 return
             if not isinstance(exc, errors.ServiceError):
-                log.exception("group commit failed", extra={"items": len(batch)})
+                log.error("write failed", extra={"error": type(exc).__name__})
+                exc = errors.Unavailable("the write failed")
             for _, future in batch:
                 if not future.done():
                     future.set_exception(exc)
