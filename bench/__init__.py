@@ -1,0 +1,1 @@
+"""The gesture service's benchmark: `python -m bench [--quick]` (see bench/README.md)."""

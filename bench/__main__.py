@@ -1,0 +1,125 @@
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,latency,connections]`.
+
+Starts its own database, two service processes and the load generators, runs the steps,
+prints a table per step, writes every figure as JSON, and cleans up even on Ctrl-C.
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import psutil
+
+from . import steps
+from .infra import ROOT, Bench, free_port
+
+STEPS = {
+    "write": steps.write_path,
+    "delivery": steps.delivery,
+    "fanout": steps.fanout,
+    "latency": steps.latency,
+    "connections": steps.connections,
+}
+
+
+def _machine() -> dict:
+    def cmd(*args: str) -> str:
+        try:
+            return subprocess.run(args, capture_output=True, text=True, timeout=5).stdout.strip()
+        except Exception:
+            return ""
+
+    cpu = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu,
+        "cores": psutil.cpu_count(),
+        "memory_gib": round(psutil.virtual_memory().total / 2**30, 1),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg_at_start": os.getloadavg(),
+        "git": cmd("git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"),
+        "postgres": cmd("psql", "--version"),
+    }
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    ap.add_argument("--quick", action="store_true", help="small and short: under 2 minutes")
+    ap.add_argument("--out", default="bench/results/latest.json", help="where the JSON goes")
+    ap.add_argument("--only", default=",".join(STEPS), help="comma-separated steps to run")
+    args = ap.parse_args()
+    only = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = [s for s in only if s not in STEPS]
+    if unknown:
+        ap.error(f"unknown step(s) {unknown}; choose from {list(STEPS)}")
+    plan = steps.Plan.make(args.quick)
+    out_path = Path(args.out)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    result: dict = {
+        "mode": "quick" if args.quick else "full",
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "machine": _machine(),
+        "plan": plan.__dict__,
+        "steps": {},
+        "failures": {},
+    }
+    print(
+        f"bench: {result['mode']} mode, steps {only}; machine {result['machine']['cpu']} "
+        f"x{result['machine']['cores']}, load {result['machine']['loadavg_at_start']}"
+    )
+    code = 0
+    bench = Bench(args.quick)
+    try:
+        with bench:
+            ports = [free_port(), free_port()]
+            bench.start_service("p1", ports[0])
+            bench.start_service("p2", ports[1])
+            result["database"] = bench.db
+            print(f"bench: database {bench.db}, services on ports {ports}, logs in {bench.tmp}")
+            for name in only:
+                t = time.time()
+                try:
+                    result["steps"][name] = STEPS[name](bench, plan, ports)
+                except KeyboardInterrupt:
+                    raise
+                except Exception as exc:
+                    code = 1
+                    result["failures"][name] = repr(exc)
+                    print(f"\n!! step {name} failed: {exc!r}", file=sys.stderr)
+                    traceback.print_exc()
+                    for g in list(bench.gens):
+                        g.kill()
+                    bench.gens.clear()
+                    for label, port in (("p1", ports[0]), ("p2", ports[1])):
+                        svc = bench.services.get(label)
+                        if svc is None or svc.proc.poll() is not None:
+                            bench.services.pop(label, None)
+                            bench.start_service(label, port)
+                print(f"   ({name}: {time.time() - t:.1f} s)")
+    except KeyboardInterrupt:
+        print("\nbench: interrupted; cleaned up", file=sys.stderr)
+        result["failures"]["interrupted"] = True
+        code = 130
+    finally:
+        result["elapsed_s"] = round(time.time() - started, 1)
+        out_path.write_text(json.dumps(result, indent=1, default=str))
+        print(f"\nbench: {result['elapsed_s']} s; figures in {out_path}")
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

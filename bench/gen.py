@@ -1,0 +1,576 @@
+"""Load-generator processes: `python -m bench.gen CONFIG.json`.
+
+Never imported by the measuring process for its loops; the orchestrator starts one process
+per generator and talks to it over stdin/stdout, one JSON object per line:
+
+* generator -> orchestrator: `{"event": "ready" | "done" | "report" | "allup" | "error", ...}`
+* orchestrator -> generator: `{"cmd": "go" | "report" | "stop", ...}`
+
+Every generator has a hard time limit (`deadline` in its config, enforced with SIGALRM, whose
+default action ends the process), bounded loops, and talks to 127.0.0.1 only.
+
+Modes:
+
+* `ws`: WebSocket clients (senders, receivers, idle holders). Connect, wait for the first
+  `presence` frame (sent once the server has subscribed and greeted), optionally reconnect
+  when closed, send `gesture` frames at a given rate on `go`, record every `gesture_received`
+  whose message carries a bench stamp.
+* `http`: POST /api/gestures/send, closed loop (as fast as `concurrency` clients go) or open
+  loop at a rate with stamped messages.
+* `ceiling`: the bare loop: INSERT one row per transaction with asyncpg + Redis PUBLISH.
+* `redis_pub`: publish `gesture.sent` events straight to Redis at a rate.
+
+A stamp is the message `b|TAG|GEN.SEQ|EPOCH`: receivers compute latency as time.time() at
+receipt minus EPOCH; all processes share the machine's clock.
+"""
+
+import asyncio
+import json
+import os
+import random
+import resource
+import signal
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+
+import msgspec
+
+HOST = "127.0.0.1"
+
+
+def _raise_nofile() -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def emit(obj: dict) -> None:
+    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
+    sys.stdout.flush()
+
+
+def stamp(tag: str, gen: int, seq: int) -> str:
+    return f"b|{tag}|{gen}.{seq}|{time.time():.6f}"
+
+
+class _G(msgspec.Struct):
+    message: str | None = None
+    id: str | None = None
+
+
+class _Frame(msgspec.Struct):
+    type: str
+    gesture: _G | None = None
+
+
+_frame_decoder = msgspec.json.Decoder(_Frame)
+
+
+class Received:
+    """Stamped gestures seen, per tag: unique keys and latencies (ms)."""
+
+    def __init__(self) -> None:
+        self.keys: dict[str, set[str]] = {}
+        self.lat: dict[str, list[float]] = {}
+
+    def note(self, message: str | None, now: float) -> None:
+        if not message or not message.startswith("b|"):
+            return
+        try:
+            _, tag, key, t = message.split("|", 3)
+            sent = float(t)
+        except ValueError:
+            return
+        keys = self.keys.setdefault(tag, set())
+        if key in keys:
+            return
+        keys.add(key)
+        self.lat.setdefault(tag, []).append(round((now - sent) * 1000.0, 3))
+
+    def report(self, tag: str, full: bool) -> dict:
+        out = {"n": len(self.keys.get(tag, ()))}
+        if full:
+            out["lat"] = self.lat.get(tag, [])
+        return out
+
+
+async def _commands():
+    """Yield commands read from stdin (EOF ends the generator)."""
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while True:
+        line = await reader.readline()
+        if not line:
+            return
+        line = line.strip()
+        if line:
+            yield json.loads(line)
+
+
+# ---------------------------------------------------------------------------- ws
+
+
+class WsClient:
+    __slots__ = ("acks", "errors", "port", "rel", "task", "token", "up", "ws")
+
+    def __init__(self, port: int, rel: str, token: str) -> None:
+        self.port = port
+        self.rel = rel
+        self.token = token
+        self.ws = None
+        self.up = asyncio.Event()
+        self.task = None
+        self.acks = 0
+        self.errors = 0
+
+
+async def run_ws(cfg: dict) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import WebSocketException
+
+    gen = cfg["gen"]
+    reconnect = cfg.get("reconnect", False)
+    jitter = cfg.get("jitter", 0.3)
+    app_ping = cfg.get("app_ping", 0)
+    clients = [WsClient(p, r, t) for p, r, t in cfg["clients"]]
+    received = Received()
+    sem = asyncio.Semaphore(cfg.get("connect_concurrency", 64))
+    stopping = False
+    state = {"down": 0, "epoch": 0, "closes": 0, "close_codes": {}, "connect_failures": 0}
+    connect_times: list[float] = []
+
+    async def open_one(c: WsClient) -> bool:
+        url = f"ws://{HOST}:{c.port}/ws?relationship_id={c.rel}&token={c.token}"
+        async with sem:
+            try:
+                async with asyncio.timeout(15):
+                    ws = await connect(
+                        url,
+                        ping_interval=None,
+                        max_size=2**20,
+                        open_timeout=10,
+                        close_timeout=2,
+                        compression=None,
+                    )
+                    first = _frame_decoder.decode(await ws.recv())
+            except (OSError, TimeoutError, WebSocketException, msgspec.DecodeError):
+                state["connect_failures"] += 1
+                return False
+        if first.type != "presence":
+            received_frame(c, first)
+        c.ws = ws
+        connect_times.append(time.time())
+        return True
+
+    def received_frame(c: WsClient, f: _Frame) -> None:
+        if f.type == "gesture_received" and f.gesture is not None:
+            received.note(f.gesture.message, time.time())
+        elif f.type == "gesture_sent":
+            c.acks += 1
+        elif f.type == "error":
+            c.errors += 1
+
+    async def life(c: WsClient) -> None:
+        delay = 0.0
+        while not stopping:
+            if delay:
+                await asyncio.sleep(delay)
+            if not await open_one(c):
+                if not reconnect:
+                    return
+                delay = random.uniform(0.1, 0.4)
+                continue
+            c.up.set()
+            if state["down"] > 0:
+                state["down"] -= 1
+                if state["down"] == 0:
+                    emit({"event": "allup", "t": time.time(), "epoch": state["epoch"]})
+            ws = c.ws
+            try:
+                async for raw in ws:
+                    received_frame(c, _frame_decoder.decode(raw))
+            except (WebSocketException, OSError, msgspec.DecodeError):
+                pass
+            code = ws.close_code
+            c.up.clear()
+            c.ws = None
+            state["closes"] += 1
+            state["close_codes"][str(code)] = state["close_codes"].get(str(code), 0) + 1
+            if stopping or not reconnect:
+                return
+            if state["down"] == 0:
+                state["epoch"] += 1
+            state["down"] += 1
+            delay = random.uniform(0.0, jitter)
+
+    async def pinger() -> None:
+        # The service closes a socket that sent nothing for ws_idle_timeout (75 s).
+        while True:
+            await asyncio.sleep(app_ping * random.uniform(0.8, 1.0))
+            for c in clients:
+                if c.ws is not None:
+                    try:
+                        await c.ws.send('{"type":"ping"}')
+                    except (WebSocketException, OSError):
+                        pass
+
+    async def send_at(rate: float, duration: float, tag: str) -> dict:
+        live = [c for c in clients if c.ws is not None]
+        if not live or rate <= 0:
+            return {"sent": 0}
+        sent = 0
+        start = time.time()
+        end = start + duration
+        i = 0
+        while True:
+            now = time.time()
+            if now >= end:
+                break
+            due = int((now - start) * rate) - sent
+            for _ in range(min(due, 10_000)):
+                c = live[i % len(live)]
+                i += 1
+                msg = stamp(tag, gen, sent)
+                frame = '{"type":"gesture","gesture_type":"hug","message":"' + msg + '"}'
+                try:
+                    await c.ws.send(frame)
+                except (WebSocketException, OSError, AttributeError):
+                    continue
+                sent += 1
+            await asyncio.sleep(0.002)
+        return {"sent": sent, "elapsed": time.time() - start}
+
+    t_start = time.time()
+    for c in clients:
+        c.task = asyncio.create_task(life(c))
+    ping_task = asyncio.create_task(pinger()) if app_ping else None
+    # Wait until every client is up or has given up (non-reconnecting failures end the task).
+    limit = time.time() + cfg.get("connect_deadline", 60)
+    while time.time() < limit:
+        if all(c.up.is_set() or c.task.done() for c in clients):
+            break
+        await asyncio.sleep(0.02)
+    t_done = max(connect_times) if connect_times else time.time()
+    emit(
+        {
+            "event": "ready",
+            "connected": sum(c.up.is_set() for c in clients),
+            "total": len(clients),
+            "failures": state["connect_failures"],
+            "t_start": t_start,
+            "t_done": t_done,
+        }
+    )
+    async for cmd in _commands():
+        match cmd["cmd"]:
+            case "go":
+                res = await send_at(cmd["rate"], cmd["duration"], cmd["tag"])
+                emit({"event": "done", **res})
+            case "report":
+                emit(
+                    {
+                        "event": "report",
+                        **received.report(cmd["tag"], cmd.get("full", True)),
+                        "acks": sum(c.acks for c in clients),
+                        "errors": sum(c.errors for c in clients),
+                        "up": sum(c.up.is_set() for c in clients),
+                        "closes": state["closes"],
+                        "close_codes": state["close_codes"],
+                        "connect_failures": state["connect_failures"],
+                    }
+                )
+            case "stop":
+                break
+    stopping = True
+    if ping_task:
+        ping_task.cancel()
+    for c in clients:
+        if c.ws is not None:
+            c.task.cancel()
+    closing = [c.ws.close() for c in clients if c.ws is not None]
+    try:
+        async with asyncio.timeout(10):
+            await asyncio.gather(*closing, return_exceptions=True)
+    except TimeoutError:
+        pass
+    emit({"event": "stopped"})
+
+
+# ---------------------------------------------------------------------------- http
+
+
+async def run_http(cfg: dict) -> None:
+    import aiohttp
+
+    gen = cfg["gen"]
+    targets = cfg["targets"]  # [port, rel, token, role]
+    concurrency = cfg["concurrency"]
+    warmup = cfg.get("warmup", 1.0)
+    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, force_close=False)
+    session = aiohttp.ClientSession(
+        connector=connector,
+        timeout=aiohttp.ClientTimeout(total=10),
+        skip_auto_headers=["User-Agent"],
+    )
+    statuses: dict[str, int] = {}
+    emit({"event": "ready"})
+
+    async def post(port, rel, token, role, message=None) -> tuple[float, int]:
+        body = {"relationship_id": rel, "gesture_type": "hug", "sender_id": role}
+        if message is not None:
+            body["message"] = message
+        t0 = time.perf_counter()
+        try:
+            async with session.post(
+                f"http://{HOST}:{port}/api/gestures/send",
+                data=json.dumps(body),
+                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+            ) as resp:
+                await resp.read()
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, OSError):
+            status = 0
+        statuses[str(status)] = statuses.get(str(status), 0) + 1
+        return (time.perf_counter() - t0) * 1000.0, status
+
+    async def closed_loop(duration: float) -> dict:
+        lat: list[float] = []
+        start = time.time()
+        measure_from = start + warmup
+        end = measure_from + duration
+        counted = 0
+
+        async def worker(w: int) -> None:
+            nonlocal counted
+            mine = targets[w::concurrency] or targets
+            # Half of the clients talk to each service process: the port is per worker.
+            i = 0
+            while time.time() < end:
+                port, rel, token, role = mine[i % len(mine)]
+                port = cfg["ports"][(w + gen) % len(cfg["ports"])]
+                i += 1
+                ms, status = await post(port, rel, token, role)
+                if status == 200 and time.time() >= measure_from:
+                    lat.append(round(ms, 3))
+                    counted += 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return {"ok": counted, "window": duration, "lat": lat}
+
+    async def open_loop(rate: float, duration: float, tag: str) -> dict:
+        lat: list[float] = []
+        inflight = asyncio.Semaphore(concurrency)
+        tasks = set()
+        sent = 0
+        start = time.time()
+        end = start + duration
+
+        async def one(seq: int) -> None:
+            port, rel, token, role = targets[seq % len(targets)]
+            try:
+                ms, status = await post(port, rel, token, role, stamp(tag, gen, seq))
+                if status == 200:
+                    lat.append(round(ms, 3))
+            finally:
+                inflight.release()
+
+        while time.time() < end:
+            due = int((time.time() - start) * rate) - sent
+            for _ in range(min(due, 1000)):
+                await inflight.acquire()
+                t = asyncio.create_task(one(sent))
+                tasks.add(t)
+                t.add_done_callback(tasks.discard)
+                sent += 1
+            await asyncio.sleep(0.002)
+        if tasks:
+            await asyncio.wait(tasks, timeout=15)
+        return {"sent": sent, "lat": lat}
+
+    async for cmd in _commands():
+        match cmd["cmd"]:
+            case "go":
+                statuses.clear()
+                if cmd.get("rate"):
+                    res = await open_loop(cmd["rate"], cmd["duration"], cmd["tag"])
+                else:
+                    res = await closed_loop(cmd["duration"])
+                emit({"event": "done", "statuses": statuses, **res})
+            case "stop":
+                break
+    await session.close()
+    emit({"event": "stopped"})
+
+
+# ---------------------------------------------------------------------------- ceiling
+
+_INSERT = """INSERT INTO connection_gestures
+    (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
+VALUES ($1, $2, $3, $4, $5, $6, clock_timestamp())
+RETURNING id, relationship_id, gesture_type, sent_by, message,
+    coalesce(ai_generated, false) AS ai_generated, sent_at, delivered_at,
+    acknowledged_at, acknowledged_by, response_gesture_id"""
+
+
+async def run_ceiling(cfg: dict) -> None:
+    import asyncpg
+    import redis.asyncio as aioredis
+
+    from service.schemas import Gesture, GestureSent, encoder
+
+    concurrency = cfg["concurrency"]
+    rels = [uuid.UUID(r) for r in cfg["rels"]]
+    prefix = cfg["channel_prefix"]
+    pool = await asyncpg.create_pool(
+        cfg["dsn"], min_size=cfg["pool"], max_size=cfg["pool"], command_timeout=10
+    )
+    redis = aioredis.Redis(
+        connection_pool=aioredis.BlockingConnectionPool.from_url(
+            cfg["redis_url"], max_connections=concurrency, timeout=5
+        )
+    )
+    await redis.ping()
+    emit({"event": "ready"})
+
+    async def bare(duration: float, warmup: float) -> dict:
+        lat: list[float] = []
+        start = time.time()
+        measure_from = start + warmup
+        end = measure_from + duration
+        errors = 0
+
+        async def worker(w: int) -> None:
+            nonlocal errors
+            i = w
+            while time.time() < end:
+                rel = rels[i % len(rels)]
+                i += concurrency
+                t0 = time.perf_counter()
+                try:
+                    async with pool.acquire() as conn:
+                        r = await conn.fetchrow(
+                            _INSERT, uuid.uuid4(), rel, "hug", "partner_a", None, False
+                        )
+                    g = Gesture(**dict(r))
+                    event = GestureSent(
+                        event_id=uuid.uuid4(),
+                        occurred_at=g.sent_at,
+                        relationship_id=rel,
+                        gesture=g,
+                    )
+                    await redis.publish(f"{prefix}{rel}", encoder.encode(event))
+                except Exception:
+                    errors += 1
+                    continue
+                if time.time() >= measure_from:
+                    lat.append(round((time.perf_counter() - t0) * 1000.0, 3))
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return {"ok": len(lat), "window": duration, "lat": lat, "errors": errors}
+
+    async for cmd in _commands():
+        match cmd["cmd"]:
+            case "go":
+                emit({"event": "done", **await bare(cmd["duration"], cmd.get("warmup", 1.0))})
+            case "stop":
+                break
+    await pool.close()
+    await redis.aclose()
+    emit({"event": "stopped"})
+
+
+# ---------------------------------------------------------------------------- redis_pub
+
+
+async def run_redis_pub(cfg: dict) -> None:
+    import redis.asyncio as aioredis
+
+    from service.schemas import Gesture, GestureSent, encoder
+
+    gen = cfg["gen"]
+    rels = [uuid.UUID(r) for r in cfg["rels"]]
+    channels = [f"{cfg['channel_prefix']}{r}" for r in rels]
+    redis = aioredis.Redis.from_url(cfg["redis_url"])
+    await redis.ping()
+    emit({"event": "ready"})
+
+    def event(i: int, seq: int, tag: str) -> bytes:
+        now = datetime.now(UTC)
+        g = Gesture(
+            id=uuid.uuid4(),
+            relationship_id=rels[i],
+            gesture_type="hug",
+            sent_by="partner_a",
+            message=stamp(tag, gen, seq),
+            ai_generated=False,
+            sent_at=now,
+            delivered_at=None,
+            acknowledged_at=None,
+            acknowledged_by=None,
+            response_gesture_id=None,
+        )
+        return encoder.encode(
+            GestureSent(event_id=uuid.uuid4(), occurred_at=now, relationship_id=rels[i], gesture=g)
+        )
+
+    async def publish_at(rate: float, duration: float, tag: str) -> dict:
+        sent = 0
+        start = time.time()
+        end = start + duration
+        while True:
+            now = time.time()
+            if now >= end:
+                break
+            due = min(int((now - start) * rate) - sent, 5000)
+            if due > 0:
+                pipe = redis.pipeline(transaction=False)
+                for k in range(due):
+                    i = (sent + k) % len(rels)
+                    pipe.publish(channels[i], event(i, sent + k, tag))
+                await pipe.execute()
+                sent += due
+            await asyncio.sleep(0.001)
+        return {"sent": sent, "elapsed": time.time() - start}
+
+    async for cmd in _commands():
+        match cmd["cmd"]:
+            case "go":
+                emit(
+                    {"event": "done", **await publish_at(cmd["rate"], cmd["duration"], cmd["tag"])}
+                )
+            case "stop":
+                break
+    await redis.aclose()
+    emit({"event": "stopped"})
+
+
+MODES = {"ws": run_ws, "http": run_http, "ceiling": run_ceiling, "redis_pub": run_redis_pub}
+
+
+def main() -> None:
+    with open(sys.argv[1]) as f:
+        cfg = json.load(f)
+    _raise_nofile()
+    signal.alarm(int(cfg.get("deadline", 600)))  # the hard limit: SIGALRM ends the process
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us, not Ctrl-C
+    try:
+        import uvloop  # optional; plain asyncio otherwise
+
+        runner = uvloop.run
+    except ImportError:
+        runner = asyncio.run
+    code = 0
+    try:
+        runner(MODES[cfg["mode"]](cfg))
+    except Exception as exc:
+        emit({"event": "error", "error": repr(exc)})
+        code = 1
+    sys.stdout.flush()
+    os._exit(code)
+
+
+if __name__ == "__main__":
+    main()

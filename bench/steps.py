@@ -1,0 +1,693 @@
+"""The four measurements. Each takes the `Bench` and a `Plan` and returns a dict of figures
+(and prints its table)."""
+
+import math
+import time
+from dataclasses import dataclass, field
+
+from .infra import Bench, Gen, free_port
+from .report import CPU_HEADERS, cpu_cells, percentiles, table
+
+
+@dataclass
+class Plan:
+    quick: bool
+    write_concurrency: list[int] = field(default_factory=lambda: [32, 128])
+    write_gens: int = 2
+    write_duration: float = 12.0
+    write_rels: int = 500
+    delivery_rates: list[int] = field(
+        default_factory=lambda: [200, 500, 1000, 2000, 4000, 6000, 8000]
+    )
+    delivery_duration: float = 8.0
+    delivery_rels: int = 200
+    fanout_rates: list[int] = field(default_factory=lambda: [1000, 2000, 4000, 7000, 10000, 14000])
+    fanout_duration: float = 8.0
+    fanout_rels: int = 200
+    latency_rate: int = 200
+    latency_duration: float = 20.0
+    connections: int = 15000
+    per_gen_sockets: int = 3750
+    hold_delivery_duration: float = 15.0
+    ws_impls: list[str] = field(
+        default_factory=lambda: ["wsproto", "websockets-sansio", "websockets"]
+    )
+    ws_compare_connections: int = 5000
+
+    @classmethod
+    def make(cls, quick: bool) -> "Plan":
+        if not quick:
+            return cls(quick=False)
+        return cls(
+            quick=True,
+            write_duration=3.0,
+            delivery_rates=[200, 1000, 2000, 4000],
+            delivery_duration=3.0,
+            fanout_rates=[1000, 4000, 7000],
+            fanout_duration=3.0,
+            latency_duration=5.0,
+            connections=2000,
+            per_gen_sockets=1000,
+            hold_delivery_duration=5.0,
+            ws_impls=[],
+            ws_compare_connections=0,
+        )
+
+
+def _split(items: list, n: int) -> list[list]:
+    return [items[i::n] for i in range(n)]
+
+
+def _ready_all(gens: list[Gen], timeout: float) -> list[dict]:
+    return [g.expect("ready", timeout) for g in gens]
+
+
+def _report_all(gens: list[Gen], tag: str, full: bool = True) -> list[dict]:
+    for g in gens:
+        g.send("report", tag=tag, full=full)
+    return [g.expect("report", 30) for g in gens]
+
+
+def _wait_received(gens: list[Gen], tag: str, expected: int, settle: float, limit: float) -> None:
+    """Wait for the receivers to have `expected` stamped frames, at most `limit` seconds."""
+    time.sleep(settle)
+    deadline = time.time() + limit
+    while time.time() < deadline:
+        got = sum(r["n"] for r in _report_all(gens, tag, full=False))
+        if got >= expected:
+            return
+        time.sleep(0.25)
+
+
+# ---------------------------------------------------------------------------- 1. write path
+
+
+def write_path(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    rels = b.seed(plan.write_rels)
+    targets = []
+    for rid, a, bb in rels:
+        targets.append([ports[0], rid, b.token(a), "partner_a"])
+        targets.append([ports[0], rid, b.token(bb), "partner_b"])
+    rel_ids = [r[0] for r in rels]
+    out = {"relationships": len(rels), "runs": []}
+    rows = []
+    for conc in plan.write_concurrency:
+        per = conc // plan.write_gens
+        run = {"concurrency": conc}
+        for kind in ("service", "ceiling"):
+            deadline = plan.write_duration + 90
+            gens = []
+            pool = None
+            # Measured now: the services' pools have grown during their run.
+            free = b.pg_free_connections() if kind == "ceiling" else 0
+            for i in range(plan.write_gens):
+                if kind == "service":
+                    gens.append(
+                        b.gen(
+                            f"write{conc}-{i}",
+                            "http",
+                            deadline,
+                            gen=i,
+                            targets=_split(targets, plan.write_gens)[i],
+                            ports=ports,
+                            concurrency=per,
+                            warmup=1.0,
+                        )
+                    )
+                else:
+                    # One commit per row over as many connections as the clients, bounded by
+                    # what PostgreSQL (max_connections) has left for us.
+                    pool = max(1, min(per, (free - 8) // plan.write_gens))
+                    gens.append(
+                        b.gen(
+                            f"ceiling{conc}-{i}",
+                            "ceiling",
+                            deadline,
+                            concurrency=per,
+                            pool=pool,
+                            rels=rel_ids,
+                            dsn=b.dsn,
+                            redis_url=b.redis_url,
+                            channel_prefix=b.channel_prefix,
+                        )
+                    )
+            try:
+                _ready_all(gens, 30)
+                for g in gens:
+                    g.send("go", duration=plan.write_duration, warmup=1.0)
+                time.sleep(1.0)
+                c0 = b.cpu.snapshot(gens)
+                done = [g.expect("done", plan.write_duration + 60) for g in gens]
+                cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
+            finally:
+                b.stop_gens(gens)
+            lat = [x for d in done for x in d["lat"]]
+            ok = sum(d["ok"] for d in done)
+            res = {
+                "per_s": round(ok / plan.write_duration, 1),
+                "ok": ok,
+                "latency_ms": percentiles(lat),
+                "cpu": cpu,
+                "statuses": _merge([d.get("statuses", {}) for d in done]),
+                "errors": sum(d.get("errors", 0) for d in done),
+            }
+            if pool is not None:
+                res["pg_connections_per_process"] = pool
+            run[kind] = res
+            rows.append(
+                [
+                    kind,
+                    conc,
+                    res["per_s"],
+                    res["latency_ms"]["p50"],
+                    res["latency_ms"]["p99"],
+                    *cpu_cells(cpu),
+                ]
+            )
+        ceiling = run["ceiling"]["per_s"]
+        run["ratio"] = round(run["service"]["per_s"] / ceiling, 3) if ceiling else None
+        out["runs"].append(run)
+    print(
+        table(
+            "1. write path: POST /api/gestures/send via 2 processes vs bare INSERT+PUBLISH loop",
+            ["what", "clients", "per s", "p50 ms", "p99 ms", *CPU_HEADERS],
+            rows,
+        )
+    )
+    for run in out["runs"]:
+        print(
+            f"   {run['concurrency']} clients: service / ceiling = {run['ratio']}x "
+            f"(target >= 1.0x); service statuses {run['service']['statuses']}"
+        )
+    return out
+
+
+def _merge(dicts: list[dict]) -> dict:
+    out: dict = {}
+    for d in dicts:
+        for k, v in d.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+# ---------------------------------------------------------------------------- 2. delivery
+
+
+def _ws_gens(b: Bench, prefix: str, clients: list, n: int, deadline: float, **kw) -> list[Gen]:
+    return [
+        b.gen(f"{prefix}-{i}", "ws", deadline, gen=i, clients=part, **kw)
+        for i, part in enumerate(_split(clients, n))
+    ]
+
+
+def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    rels = b.seed(plan.delivery_rels)
+    senders_c = [[ports[0], rid, b.token(a)] for rid, a, _ in rels]
+    receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in rels]
+    deadline = len(plan.delivery_rates) * (plan.delivery_duration + 40) + 60
+    recv = _ws_gens(b, "dlv-recv", receivers_c, 2, deadline)
+    send = _ws_gens(b, "dlv-send", senders_c, 2, deadline)
+    gens = recv + send
+    steps = []
+    rows = []
+    held = None
+    try:
+        for r in _ready_all(recv + send, 60):
+            if r["connected"] != r["total"]:
+                raise RuntimeError(f"delivery: only {r['connected']}/{r['total']} connected")
+        for rate in plan.delivery_rates:
+            tag = f"d{rate}"
+            c0 = b.cpu.snapshot(gens)
+            for g in send:
+                g.send("go", rate=rate / len(send), duration=plan.delivery_duration, tag=tag)
+            done = [g.expect("done", plan.delivery_duration + 30) for g in send]
+            cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
+            sent = sum(d["sent"] for d in done)
+            _wait_received(recv, tag, sent, 0.3, 5.0)
+            reps = _report_all(recv, tag)
+            got = sum(r["n"] for r in reps)
+            lat = percentiles([x for r in reps for x in r["lat"]])
+            persisted = b.query(
+                "SELECT count(*) FROM connection_gestures WHERE message LIKE $1", f"b|{tag}|%"
+            )
+            achieved = sent / max(d["elapsed"] for d in done)
+            frac = got / sent if sent else 0.0
+            ok = frac >= 1.0 and lat["p99"] is not None and lat["p99"] <= 50.0
+            step = {
+                "offered_per_s": rate,
+                "achieved_send_per_s": round(achieved, 1),
+                "sent": sent,
+                "received": got,
+                "delivered_fraction": round(frac, 5),
+                "persisted": persisted,
+                "latency_ms": lat,
+                "cpu": cpu,
+                "held": ok,
+            }
+            steps.append(step)
+            rows.append(
+                [
+                    rate,
+                    round(achieved),
+                    round(frac * 100, 2),
+                    persisted,
+                    lat["p50"],
+                    lat["p90"],
+                    lat["p99"],
+                    lat["max"],
+                    ok,
+                    *cpu_cells(cpu),
+                ]
+            )
+            if ok:
+                held = rate
+            else:
+                break
+        snd = _report_all(send, "none", full=False)
+        errors = sum(r["errors"] for r in snd)
+    finally:
+        b.stop_gens(gens)
+    print(
+        table(
+            "2a. delivery: WS gesture on process 1 -> gesture_received on process 2 (200 couples)",
+            [
+                "offered/s",
+                "sent/s",
+                "deliv %",
+                "persisted",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "held",
+                *CPU_HEADERS,
+            ],
+            rows,
+        )
+    )
+    print(f"   highest rate held (100% delivered, p99 <= 50 ms): {held}/s (target >= 2000/s)")
+    return {
+        "relationships": len(rels),
+        "steps": steps,
+        "highest_held_per_s": held,
+        "sender_error_frames": errors,
+    }
+
+
+def fanout(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    rels = b.seed(plan.fanout_rels)
+    receivers_c = [[ports[i % 2], rid, b.token(bb)] for i, (rid, _, bb) in enumerate(rels)]
+    deadline = len(plan.fanout_rates) * (plan.fanout_duration + 40) + 60
+    recv = _ws_gens(b, "fan-recv", receivers_c, 2, deadline)
+    pubs = [
+        b.gen(
+            f"fan-pub-{i}",
+            "redis_pub",
+            deadline,
+            gen=i,
+            rels=[r[0] for r in part],
+            redis_url=b.redis_url,
+            channel_prefix=b.channel_prefix,
+        )
+        for i, part in enumerate(_split(rels, 2))
+    ]
+    gens = recv + pubs
+    steps = []
+    rows = []
+    held = None
+    try:
+        for r in _ready_all(recv, 60):
+            if r["connected"] != r["total"]:
+                raise RuntimeError(f"fan-out: only {r['connected']}/{r['total']} connected")
+        _ready_all(pubs, 30)
+        for rate in plan.fanout_rates:
+            tag = f"f{rate}"
+            c0 = b.cpu.snapshot(gens)
+            for g in pubs:
+                g.send("go", rate=rate / len(pubs), duration=plan.fanout_duration, tag=tag)
+            done = [g.expect("done", plan.fanout_duration + 30) for g in pubs]
+            cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
+            sent = sum(d["sent"] for d in done)
+            _wait_received(recv, tag, sent, 0.3, 5.0)
+            reps = _report_all(recv, tag)
+            got = sum(r["n"] for r in reps)
+            lat = percentiles([x for r in reps for x in r["lat"]])
+            achieved = sent / max(d["elapsed"] for d in done)
+            frac = got / sent if sent else 0.0
+            ok = frac >= 1.0 and lat["p99"] is not None and lat["p99"] <= 20.0
+            steps.append(
+                {
+                    "offered_per_s": rate,
+                    "achieved_publish_per_s": round(achieved, 1),
+                    "sent": sent,
+                    "received": got,
+                    "delivered_fraction": round(frac, 5),
+                    "latency_ms": lat,
+                    "cpu": cpu,
+                    "held": ok,
+                }
+            )
+            rows.append(
+                [
+                    rate,
+                    round(achieved),
+                    round(frac * 100, 2),
+                    lat["p50"],
+                    lat["p90"],
+                    lat["p99"],
+                    lat["max"],
+                    ok,
+                    *cpu_cells(cpu),
+                ]
+            )
+            if ok:
+                held = rate
+            else:
+                break
+    finally:
+        b.stop_gens(gens)
+    print(
+        table(
+            "2b. pure fan-out: gesture.sent published on Redis -> WS clients on both processes",
+            [
+                "offered/s",
+                "pub/s",
+                "deliv %",
+                "p50 ms",
+                "p90 ms",
+                "p99 ms",
+                "max ms",
+                "held",
+                *CPU_HEADERS,
+            ],
+            rows,
+        )
+    )
+    print(f"   highest rate held (100% delivered, p99 <= 20 ms): {held}/s (target >= 7000/s)")
+    return {"relationships": len(rels), "steps": steps, "highest_held_per_s": held}
+
+
+# ---------------------------------------------------------------------------- 3. latency
+
+
+def latency(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    rels = b.seed(200)
+    receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in rels]
+    targets = [[ports[0], rid, b.token(a), "partner_a"] for rid, a, _ in rels]
+    deadline = plan.latency_duration + 90
+    recv = _ws_gens(b, "lat-recv", receivers_c, 1, deadline)
+    sender = b.gen(
+        "lat-http", "http", deadline, gen=0, targets=targets, ports=[ports[0]], concurrency=64
+    )
+    gens = [*recv, sender]
+    try:
+        for r in _ready_all(recv, 60):
+            if r["connected"] != r["total"]:
+                raise RuntimeError(f"latency: only {r['connected']}/{r['total']} connected")
+        sender.expect("ready", 30)
+        c0 = b.cpu.snapshot(gens)
+        sender.send("go", rate=plan.latency_rate, duration=plan.latency_duration, tag="lat")
+        done = sender.expect("done", plan.latency_duration + 30)
+        cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
+        _wait_received(recv, "lat", done["sent"], 0.3, 5.0)
+        reps = _report_all(recv, "lat")
+    finally:
+        b.stop_gens(gens)
+    got = sum(r["n"] for r in reps)
+    e2e = percentiles([x for r in reps for x in r["lat"]])
+    http = percentiles(done["lat"])
+    res = {
+        "rate_per_s": plan.latency_rate,
+        "sent": done["sent"],
+        "received": got,
+        "end_to_end_ms": e2e,
+        "http_response_ms": http,
+        "statuses": done["statuses"],
+        "cpu": cpu,
+    }
+    print(
+        table(
+            f"3. end-to-end latency at {plan.latency_rate}/s: HTTP send on process 1 -> "
+            "gesture_received on process 2",
+            ["what", "n", "p50 ms", "p90 ms", "p99 ms", "max ms", *CPU_HEADERS],
+            [
+                [
+                    "send->received",
+                    e2e["n"],
+                    e2e["p50"],
+                    e2e["p90"],
+                    e2e["p99"],
+                    e2e["max"],
+                    *cpu_cells(cpu),
+                ],
+                [
+                    "HTTP response",
+                    http["n"],
+                    http["p50"],
+                    http["p90"],
+                    http["p99"],
+                    http["max"],
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                ],
+            ],
+        )
+    )
+    print(f"   delivered {got}/{done['sent']}; target p50 <= 3 ms, p99 <= 10 ms")
+    return res
+
+
+# ---------------------------------------------------------------------------- 4. connections
+
+
+def _hold(
+    b: Bench,
+    name: str,
+    port: int,
+    rels: list,
+    n: int,
+    per_gen: int,
+    deadline: float,
+    reconnect: bool,
+) -> tuple[list[Gen], list[dict]]:
+    clients = []
+    for rid, a, bb in rels:
+        clients.append([port, rid, b.token(a)])
+        clients.append([port, rid, b.token(bb)])
+    clients = clients[:n]
+    k = max(2, math.ceil(n / per_gen))
+    gens = _ws_gens(
+        b,
+        name,
+        clients,
+        k,
+        deadline,
+        reconnect=reconnect,
+        jitter=0.5,
+        app_ping=30,
+        connect_concurrency=64,
+        connect_deadline=120,
+    )
+    return gens, _ready_all(gens, 150)
+
+
+def connections(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    n = plan.connections
+    rels = b.seed(math.ceil(n / 2))
+    port = ports[0]
+    # A fresh process 1, so "before" is a process that holds nothing yet.
+    b.stop_service("p1")
+    svc = b.start_service("p1", port)
+    _warm(b, port, rels[0])
+    time.sleep(1.0)
+    rss0 = svc.rss()
+    deadline = 600 if not plan.quick else 200
+    c0 = b.cpu.snapshot([])
+    gens, ready = _hold(b, "conn", port, rels, n, plan.per_gen_sockets, deadline, reconnect=True)
+    res: dict = {"connections": n}
+    try:
+        connected = sum(r["connected"] for r in ready)
+        span = max(r["t_done"] for r in ready) - min(r["t_start"] for r in ready)
+        cpu_connect = b.cpu.delta(c0, b.cpu.snapshot(gens))
+        time.sleep(2.0)
+        rss1 = svc.rss()
+        kib = (rss1 - rss0) / 1024 / max(connected, 1)
+        res.update(
+            connected=connected,
+            connect_failures=sum(r["failures"] for r in ready),
+            connects_per_s=round(connected / span, 1) if span > 0 else None,
+            connect_span_s=round(span, 2),
+            rss_before_mib=round(rss0 / 2**20, 1),
+            rss_after_mib=round(rss1 / 2**20, 1),
+            kib_per_connection=round(kib, 2),
+            cpu_while_connecting=cpu_connect,
+        )
+        # Delivery while they are held: HTTP sends via process 2 to partners held on process 1.
+        held = rels[: min(len(rels), 500)]
+        targets = [[ports[1], rid, b.token(a), "partner_a"] for rid, a, _ in held]
+        sender = b.gen(
+            "conn-http",
+            "http",
+            plan.hold_delivery_duration + 90,
+            gen=9,
+            targets=targets,
+            ports=[ports[1]],
+            concurrency=64,
+        )
+        sender.expect("ready", 30)
+        c1 = b.cpu.snapshot([*gens, sender])
+        sender.send("go", rate=200, duration=plan.hold_delivery_duration, tag="hold")
+        done = sender.expect("done", plan.hold_delivery_duration + 30)
+        cpu_hold = b.cpu.delta(c1, b.cpu.snapshot([*gens, sender]))
+        b.stop_gens([sender])
+        _wait_received(gens, "hold", done["sent"], 0.3, 5.0)
+        reps = _report_all(gens, "hold")
+        lat = percentiles([x for r in reps for x in r["lat"]])
+        res["delivery_while_held"] = {
+            "rate_per_s": 200,
+            "sent": done["sent"],
+            "received": sum(r["n"] for r in reps),
+            "latency_ms": lat,
+            "cpu": cpu_hold,
+        }
+        # The reconnect storm.
+        up_before = sum(r["up"] for r in reps)
+        t0 = time.time()
+        b.stop_service("p1")
+        t_exit = time.time()
+        svc = b.start_service("p1", port)
+        t_ready = time.time()
+        backs = []
+        storm_limit = 60 if not plan.quick else 40
+        for g in gens:
+            try:
+                backs.append(g.expect("allup", max(1.0, t0 + storm_limit - time.time()))["t"])
+            except Exception:
+                backs.append(None)
+        reps = _report_all(gens, "none", full=False)
+        up_after = sum(r["up"] for r in reps)
+        all_back = all(x is not None for x in backs)
+        res["storm"] = {
+            "clients": up_before,
+            "back": up_after,
+            "sigterm_to_exit_s": round(t_exit - t0, 2),
+            "sigterm_to_fresh_ready_s": round(t_ready - t0, 2),
+            "sigterm_to_all_back_s": round(max(backs) - t0, 2) if all_back else None,
+            "close_codes": _merge([r["close_codes"] for r in reps]),
+        }
+    finally:
+        b.stop_gens(gens)
+    s = res["storm"] if "storm" in res else {}
+    d = res.get("delivery_while_held", {}).get("latency_ms", {})
+    print(
+        table(
+            f"4. connections: {n} idle authenticated sockets on one process (--ws wsproto)",
+            [
+                "connected",
+                "connects/s",
+                "KiB/conn",
+                "RSS before MiB",
+                "RSS after MiB",
+                "deliv p99 ms @200/s",
+                "storm all back s",
+                "back",
+            ],
+            [
+                [
+                    res.get("connected"),
+                    res.get("connects_per_s"),
+                    res.get("kib_per_connection"),
+                    res.get("rss_before_mib"),
+                    res.get("rss_after_mib"),
+                    d.get("p99"),
+                    s.get("sigterm_to_all_back_s"),
+                    f"{s.get('back')}/{s.get('clients')}",
+                ]
+            ],
+        )
+    )
+    print(
+        f"   connect CPU: service {res['cpu_while_connecting']['service_pct']}%, generators "
+        f"{res['cpu_while_connecting']['generators_pct']}; storm: exit after "
+        f"{s.get('sigterm_to_exit_s')} s, fresh process ready after "
+        f"{s.get('sigterm_to_fresh_ready_s')} s, close codes {s.get('close_codes')}"
+    )
+    print("   targets: <= 20 KiB/conn, >= 1500 connects/s, storm over within 10 s")
+    res["ws_implementations"] = ws_compare(b, plan, rels, res)
+    return res
+
+
+def _warm(b: Bench, port: int, rel) -> None:
+    """One socket opened and closed, so lazily created state is in 'before'."""
+    g = b.gen("warm", "ws", 60, gen=99, clients=[[port, rel[0], b.token(rel[1])]])
+    try:
+        g.expect("ready", 30)
+    finally:
+        b.stop_gens([g])
+
+
+def ws_compare(b: Bench, plan: Plan, rels: list, main: dict) -> list[dict]:
+    out = [
+        {
+            "ws": "wsproto",
+            "connections": main.get("connected"),
+            "kib_per_connection": main.get("kib_per_connection"),
+            "connects_per_s": main.get("connects_per_s"),
+            "source": "step 4 main run",
+        }
+    ]
+    m = plan.ws_compare_connections
+    for impl in plan.ws_impls if m else []:
+        port = free_port()
+        svc = b.start_service(f"cmp-{impl}", port, ws=impl)
+        try:
+            _warm(b, port, rels[0])
+            time.sleep(1.0)
+            rss0 = svc.rss()
+            gens, ready = _hold(
+                b, f"cmp-{impl}", port, rels, m, plan.per_gen_sockets, 300, reconnect=False
+            )
+            try:
+                connected = sum(r["connected"] for r in ready)
+                span = max(r["t_done"] for r in ready) - min(r["t_start"] for r in ready)
+                time.sleep(2.0)
+                rss1 = svc.rss()
+            finally:
+                b.stop_gens(gens)
+        finally:
+            b.stop_service(f"cmp-{impl}")
+        out.append(
+            {
+                "ws": impl,
+                "connections": connected,
+                "kib_per_connection": round((rss1 - rss0) / 1024 / max(connected, 1), 2),
+                "connects_per_s": round(connected / span, 1) if span > 0 else None,
+                "rss_before_mib": round(rss0 / 2**20, 1),
+                "rss_after_mib": round(rss1 / 2**20, 1),
+            }
+        )
+    print(
+        table(
+            "4b. RSS per connection by uvicorn --ws implementation",
+            ["--ws", "connections", "KiB/conn", "connects/s", "measured in"],
+            [
+                [
+                    r["ws"],
+                    r["connections"],
+                    r["kib_per_connection"],
+                    r["connects_per_s"],
+                    r.get("source", f"{m} sockets, fresh process"),
+                ]
+                for r in out
+            ],
+        )
+    )
+    if not m:
+        print(
+            "   (quick mode: wsproto only; the full run compares websockets-sansio and websockets)"
+        )
+    return out
