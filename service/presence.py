@@ -175,11 +175,24 @@ class Presence:
             await pipe.execute()
 
     async def close(self) -> None:
-        """Drop every entry of this process now (shutdown), announcing what goes offline."""
+        """Drop every entry of this process now (shutdown), announcing what goes offline:
+        one pipeline, however many connections the process held."""
         for timer in self._leaving.values():
             timer.cancel()
         entries = set(self._local) | set(self._leaving)
         self._local.clear()
         self._leaving.clear()
-        for entry in entries:
-            await self._run_leave(entry, node=self._node)
+        if not entries:
+            return
+        now = time.time()
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry in entries:
+                    await self._leave(
+                        keys=[self.key(*entry), self.channel(entry[0])],
+                        args=[self._node, now, entry[1]],
+                        client=pipe,
+                    )
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            log.warning("presence entries left to expire", extra={"error": repr(exc)})
