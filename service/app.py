@@ -177,7 +177,11 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
     for task in running.values():
         task.remove_done_callback(_report_death)
         task.cancel()
-    await asyncio.gather(*running.values(), return_exceptions=True)
+    # Bounded: a cancellation swallowed below us (seen with redis-py's pipeline while the
+    # outbox relay publishes) must not keep the process from exiting.
+    _, stuck = await asyncio.wait(running.values(), timeout=2.0)
+    for task in stuck:
+        log.error("background task did not stop when cancelled", extra={"task": task.get_name()})
     log.info("stopped", extra={"pid": os.getpid()})
 
 

@@ -73,6 +73,7 @@ class Publisher:
 
     async def _publish_loop(self) -> None:
         while True:
+            _stop_if_cancelled()
             await self._ready.wait()
             self._ready.clear()
             rows, self._queue = self._queue, []
@@ -109,6 +110,7 @@ class Publisher:
     async def _relay_loop(self) -> None:
         last_cleanup = 0.0
         while True:
+            _stop_if_cancelled()
             await asyncio.sleep(self._relay_interval)
             try:
                 await self._delete_published()
@@ -129,6 +131,14 @@ class Publisher:
                     return
                 await store.delete_outbox(conn, [row.id for row in rows])
             log.info("relayed outbox events", extra={"count": len(rows)})
+
+
+def _stop_if_cancelled() -> None:
+    """Honour a cancel that a library swallowed (seen with redis-py's pipeline execute):
+    without this a loop that catches errors would spin on after shutdown cancelled it."""
+    task = asyncio.current_task()
+    if task is not None and task.cancelling():
+        raise asyncio.CancelledError
 
 
 class Subscriber:
@@ -204,6 +214,7 @@ class Subscriber:
         first = True
         while True:
             since = self._last_seen
+            started = time.monotonic()
             try:
                 await self._session(resync_since=None if first else since)
             except asyncio.CancelledError:
@@ -212,6 +223,8 @@ class Subscriber:
                 log.warning("pub/sub connection lost", extra={"error": repr(exc)})
             first = False
             self.connected.clear()
+            if time.monotonic() - started > 30:
+                backoff = 0.1  # that session was healthy: the next break starts afresh
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, 5.0)
 

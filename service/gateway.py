@@ -242,8 +242,10 @@ class Gateway:
             extra={"conn_id": conn.id, "relationship_id": str(relationship_id), "role": role},
         )
         code = 1000
+        present = False  # undo only what was done
         try:
             await self._join(conn)
+            present = True  # connected() counts us before its first await
             await self._presence.connected(relationship_id, role)
             try:
                 await self._greet(conn)
@@ -258,15 +260,19 @@ class Gateway:
             await _close(ws, INTERNAL, "internal error")
         finally:
             conn.closed = True
-            self._presence.disconnected(relationship_id, role)
-            await self._leave(conn)
+            if not self.closing:  # at shutdown, presence and Redis are dropped wholesale
+                if present:
+                    self._presence.disconnected(relationship_id, role)
+                await self._leave(conn)
             log.info("socket closed", extra={"conn_id": conn.id, "code": code})
 
     async def _greet(self, conn: Connection) -> None:
         """The other partner's presence, then every pending gesture, oldest first."""
         other = other_role(conn.role)
-        online = await self._presence.is_online(conn.relationship_id, other)
-        pending = await self._gestures.pending_for(conn.relationship_id, conn.role)
+        online, pending = await asyncio.gather(
+            self._presence.is_online(conn.relationship_id, other),
+            self._gestures.pending_for(conn.relationship_id, conn.role),
+        )
         conn.other_online = online
         first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]
         for gesture in pending:
@@ -288,7 +294,10 @@ class Gateway:
             data = message.get("text")
             if data is None:
                 data = message.get("bytes") or b""
-            if len(data) > limit:
+            # The limit is in bytes; a text frame arrives as str, up to 4 bytes a character.
+            if len(data) > limit or (
+                isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
+            ):
                 await _close(ws, TOO_BIG, "frame over 16 KiB")
                 return TOO_BIG
             if conn.closed:
@@ -315,6 +324,7 @@ class Gateway:
                         frame.message,
                         frame.ai_generated,
                         frame.idempotency_key,
+                        want_online=False,
                     )
                     sent = GestureSentFrame(gesture=result.gesture, request_id=request_id)
                     conn.push(encoder.encode(sent))
@@ -326,6 +336,7 @@ class Gateway:
                         frame.send_back,
                         frame.send_back_type,
                         frame.send_back_message,
+                        within=conn.relationship_id,
                     )
                     if not result.acknowledged:
                         conn.push(
@@ -402,10 +413,11 @@ async def _close(ws: WebSocket, code: int, reason: str) -> None:
 
 def _abort(ws: WebSocket) -> None:
     """Drop the TCP connection under the ASGI server. The ASGI interface has no abort, but
-    uvicorn's send callable is a method of its protocol object, which owns the transport."""
-    protocol = getattr(getattr(ws, "_send", None), "__self__", None)
-    transport = getattr(protocol, "transport", None)
-    if transport is not None:
-        transport.abort()
-    else:
-        log.warning("cannot abort a stuck socket under this server")
+    uvicorn's receive and send callables are methods of its protocol object, which owns the
+    transport. Starlette wraps `send` in a closure, so `receive` is the one that still is."""
+    for callable_ in (getattr(ws, "_receive", None), getattr(ws, "_send", None)):
+        transport = getattr(getattr(callable_, "__self__", None), "transport", None)
+        if transport is not None:
+            transport.abort()
+            return
+    log.warning("cannot abort a stuck socket under this server")

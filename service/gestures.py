@@ -119,15 +119,16 @@ class Gestures:
     # ------------------------------------------------------------------ relationships
 
     async def relationship(self, relationship_id: uuid.UUID) -> Relationship | None:
-        """The relationship, cached for a few seconds when it exists (never when it does not,
-        so a row another system just inserted is seen at once)."""
+        """The relationship, cached for a few seconds once both partners are set (never
+        before, so a row another system just inserted or filled in is seen at once)."""
         hit = self._relationships.get(relationship_id)
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
         async with store.connection(self._pool, self._timeout) as conn:
             found = await store.get_relationship(conn, relationship_id)
-        if found is not None and self._relationship_ttl > 0:
+        complete = found is not None and found.partner_a_id and found.partner_b_id
+        if complete and self._relationship_ttl > 0:
             if len(self._relationships) > 100_000:
                 self._relationships.clear()
             self._relationships[relationship_id] = (now + self._relationship_ttl, found)
@@ -313,8 +314,13 @@ class Gestures:
         send_back: bool,
         send_back_type: str | None,
         send_back_message: str | None,
+        within: uuid.UUID | None = None,
     ) -> AcknowledgeResult:
+        """Acknowledge as the recipient, at most once. `within` confines it to one
+        relationship (a socket's): a gesture of another is not found there."""
         original, role = await self.visible_gesture(caller, gesture_id)
+        if within is not None and original.relationship_id != within:
+            raise errors.NotFound("gesture not found")
         if role is None:  # a service acts as the partner it names
             if named is None:
                 raise errors.Invalid("acknowledged_by: a service token must name the partner")

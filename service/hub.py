@@ -32,6 +32,7 @@ class Connection:
         "_close",
         "_closer",
         "_flusher",
+        "_greeting",
         "_held",
         "_limit",
         "_on_delivered",
@@ -66,6 +67,9 @@ class Connection:
         self._held: list[tuple[bytes, uuid.UUID | None, Dedupe | None]] | None = []
         self._seen: dict[Dedupe, None] = {}
         self._flusher: asyncio.Task[None] | None = None
+        # Frames of `first` still queued: the greeting is bounded by what PostgreSQL held,
+        # not by `limit`, so a partner with many pending gestures is not cut off at connect.
+        self._greeting = 0
         self._closer: asyncio.Task[None] | None = None
         self.closed = False
         self.other_online: bool | None = None
@@ -91,6 +95,7 @@ class Connection:
         """Start sending: `first`, then what was pushed before `open` and is not in `first`."""
         held, self._held = self._held or [], None
         keys = set()
+        self._greeting = len(first)
         for frame, delivered, dedupe in first:
             if dedupe is not None:
                 keys.add(dedupe)
@@ -108,7 +113,7 @@ class Connection:
     def _enqueue(self, frame: bytes, delivered: uuid.UUID | None) -> None:
         if self.closed:
             return
-        if len(self._queue) >= self._limit:
+        if len(self._queue) >= self._limit + self._greeting:
             self.overflow()
             return
         self._queue.append((frame, delivered))
@@ -119,6 +124,7 @@ class Connection:
         try:
             while self._queue and not self.closed:
                 frame, delivered = self._queue.popleft()
+                self._greeting = max(0, self._greeting - 1)
                 await self._send(frame)
                 if delivered is not None:
                     self._on_delivered(delivered)
