@@ -391,12 +391,13 @@ class Bench:
 
             conn = await asyncpg.connect(self.dsn, timeout=10)
             try:
-                return await conn.fetchval("SELECT pg_backend_pid()")
+                # Asked while the backend lives: it exits as soon as the connection closes.
+                return psutil.Process(await conn.fetchval("SELECT pg_backend_pid()")).ppid()
             finally:
                 await conn.close()
 
         try:
-            return psutil.Process(asyncio.run(run())).ppid()
+            return asyncio.run(run())
         except Exception:
             return None
 

@@ -28,7 +28,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from . import errors
-from .auth import Caller, bearer, verify
+from .auth import Caller, bearer
 from .gestures import Gestures
 from .schemas import (
     DECODE_ERRORS,
@@ -117,7 +117,7 @@ def _path_uuid(request: Request, name: str) -> uuid.UUID:
 
 
 def _caller(request: Request) -> Caller:
-    return verify(bearer(request.headers.get("authorization")), request.state.settings.jwt_secret)
+    return request.state.verify(bearer(request.headers.get("authorization")))
 
 
 # ---------------------------------------------------------------------------- handlers

@@ -21,6 +21,7 @@ from starlette.exceptions import HTTPException
 from starlette.routing import WebSocketRoute
 
 from . import api, config, logs, store
+from .auth import Verifier
 from .bus import Publisher, Subscriber
 from .gateway import Gateway
 from .gestures import Gestures
@@ -110,6 +111,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         grace=settings.presence_grace,
     )
     gestures = Gestures(settings, pool, redis, publisher, presence, settings.relationship_cache_ttl)
+    verifier = Verifier(settings.jwt_secret)
     gateway = Gateway(
         settings,
         gestures,
@@ -121,6 +123,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
             on_message=on_message,
             on_resubscribed=on_resubscribed,
         ),
+        verifier,
     )
     tasks = {
         "publisher": publisher.run,
@@ -155,6 +158,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
             "gestures": gestures,
             "gateway": gateway,
             "readiness": readiness,
+            "verify": verifier,
             "openapi": msgspec.json.encode(api.openapi()),
             "node": node,
         }

@@ -33,7 +33,7 @@ from datetime import UTC, datetime
 from starlette.websockets import WebSocket, WebSocketState
 
 from . import errors
-from .auth import bearer, verify
+from .auth import Verifier, bearer
 from .bus import Subscriber
 from .config import Settings
 from .gestures import Gestures
@@ -86,8 +86,10 @@ class Gateway:
         presence: Presence,
         hub: Hub,
         subscriber_factory,
+        verifier: Verifier,
     ) -> None:
         self._settings = settings
+        self._verify = verifier
         self._gestures = gestures
         self._presence = presence
         self.hub = hub
@@ -211,7 +213,7 @@ class Gateway:
     async def endpoint(self, ws: WebSocket) -> None:
         token = ws.query_params.get("token") or bearer(ws.headers.get("authorization"))
         try:
-            caller = verify(token, self._settings.jwt_secret)
+            caller = self._verify(token)
             relationship_id = uuid.UUID(ws.query_params.get("relationship_id", ""))
         except errors.Unauthenticated as exc:
             return await _refuse(ws, UNAUTHORIZED, exc.message)

@@ -22,7 +22,7 @@ import uuid
 from datetime import datetime
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from . import errors, store
 from .auth import Caller, role_of
@@ -192,16 +192,23 @@ class Gestures:
         """Count one send against the sender's limit (RateLimited past it); and whether
         `recipient` is online, in the same round trip. Redis away: admitted, offline."""
         limit = self._settings.rate_limit_per_minute
+        key = f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"
+        args = (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex)
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                await self._rate_limit(
-                    keys=[f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"],
-                    args=[int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex],
-                    client=pipe,
-                )
-                if recipient is not None:
-                    self._presence.count_online(pipe, relationship_id, recipient)
-                results = await pipe.execute()
+            for attempt in (1, 2):
+                # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
+                # before every execute, a round trip per send.
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.evalsha(self._rate_limit.sha, 1, key, *args)
+                    if recipient is not None:
+                        self._presence.count_online(pipe, relationship_id, recipient)
+                    try:
+                        results = await pipe.execute()
+                        break
+                    except NoScriptError:
+                        if attempt == 2:
+                            raise
+                        await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
         except (RedisError, OSError) as exc:
             log.warning("rate limit unavailable, admitting", extra={"error": repr(exc)})
             return False

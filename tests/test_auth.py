@@ -267,3 +267,28 @@ async def test_gesture_of_another_relationship_is_404_like_a_missing_one(
     assert ack_theirs.json() == ack_missing.json()
     assert (await gesture_row(db, theirs["id"]))["acknowledged_at"] is None
     assert await gesture_count(db, other.id) == 1
+
+
+def test_a_remembered_token_is_refused_once_it_expires():
+    """The verifier's memory of good tokens never outlives their `exp`."""
+    from service import auth, errors
+
+    now = [time.time()]
+    verifier = auth.Verifier(SECRET, clock=lambda: now[0])
+    tok = auth.issue(SECRET, sub="alice", ttl=60)
+    assert verifier(tok).user_id == "alice"
+    assert verifier(tok).user_id == "alice"  # remembered
+    now[0] += 120
+    with pytest.raises(errors.Unauthenticated, match="expired"):
+        verifier(tok)
+
+
+def test_a_bad_token_is_never_remembered():
+    from service import auth, errors
+
+    verifier = auth.Verifier(SECRET, size=2)
+    for _ in range(2):
+        with pytest.raises(errors.Unauthenticated):
+            verifier(auth.issue("another-secret-that-is-long-enough-to-sign!", sub="x"))
+    tokens = [auth.issue(SECRET, sub=f"u{i}") for i in range(3)]
+    assert [verifier(t).user_id for t in tokens] == ["u0", "u1", "u2"]
