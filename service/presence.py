@@ -50,6 +50,13 @@ return 0
 """
 
 
+def _chunks(items: list, size: int = 500):
+    """Pipelines of a bounded size: packing and parsing one of 15,000 commands would hold
+    the event loop, and every socket's frames, for a good fraction of a second."""
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
 class Presence:
     """This process's share of presence: local counts, grace timers, heartbeats."""
 
@@ -147,32 +154,30 @@ class Presence:
 
     async def _refresh(self) -> None:
         entries = list(self._local) + list(self._leaving)
-        if not entries:
-            return
         expires = time.time() + self._ttl
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                key = self.key(*entry)
-                pipe.zadd(key, {self._node: expires})
-                pipe.pexpire(key, self._key_ttl_ms)
-            await pipe.execute()
+        for chunk in _chunks(entries):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry in chunk:
+                    key = self.key(*entry)
+                    pipe.zadd(key, {self._node: expires})
+                    pipe.pexpire(key, self._key_ttl_ms)
+                await pipe.execute()
 
     async def _sweep(self) -> None:
         """Announce, for the partners of our connected users, entries that expired."""
         others = {
             (rel, "partner_b" if role == "partner_a" else "partner_a") for rel, role in self._local
         }
-        if not others:
-            return
         now = time.time()
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry in others:
-                await self._leave(
-                    keys=[self.key(*entry), self.channel(entry[0])],
-                    args=["", now, entry[1]],
-                    client=pipe,
-                )
-            await pipe.execute()
+        for chunk in _chunks(list(others)):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry in chunk:
+                    await self._leave(
+                        keys=[self.key(*entry), self.channel(entry[0])],
+                        args=["", now, entry[1]],
+                        client=pipe,
+                    )
+                await pipe.execute()
 
     async def close(self) -> None:
         """Drop every entry of this process now (shutdown), announcing what goes offline:
