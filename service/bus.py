@@ -170,6 +170,8 @@ class Subscriber:
         self.connected = asyncio.Event()
         self._last_seen = time.time()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._dropping: set[str] = set()
+        self._drop_ready = asyncio.Event()
 
     async def subscribe(self, channels: Sequence[str], timeout: float = 5.0) -> bool:
         """Subscribe; True once Redis confirmed, False if it did not within `timeout`."""
@@ -177,6 +179,7 @@ class Subscriber:
         futures = []
         for channel in channels:
             self._channels.add(channel)
+            self._dropping.discard(channel)
             future = loop.create_future()
             self._waiting.setdefault(channel, []).append(future)
             futures.append(future)
@@ -199,15 +202,27 @@ class Subscriber:
                     self._waiting.pop(channel, None)
             return False
 
-    async def unsubscribe(self, channels: Sequence[str]) -> None:
+    def unsubscribe(self, channels: Sequence[str]) -> None:
+        """Drop channels soon, in one UNSUBSCRIBE with whatever else is being dropped: a
+        process closing thousands of sockets sends one command, not thousands."""
         for channel in channels:
             self._channels.discard(channel)
-        pubsub = self._pubsub
-        if pubsub is not None and self.connected.is_set():
-            try:
+            self._dropping.add(channel)
+        self._drop_ready.set()
+
+    async def _drop(self, pubsub: aioredis.client.PubSub) -> None:
+        while True:
+            await self._drop_ready.wait()
+            self._drop_ready.clear()
+            # A channel subscribed again since it was dropped stays.
+            channels = [c for c in self._dropping if c not in self._channels]
+            self._dropping.clear()
+            if channels:
                 await pubsub.unsubscribe(*channels)
-            except (RedisError, OSError):
-                pass
+                # Wanted again while that was on its way: Redis may have seen the new
+                # SUBSCRIBE first and the UNSUBSCRIBE last.
+                if again := [c for c in channels if c in self._channels]:
+                    await pubsub.subscribe(*again)
 
     async def run(self) -> None:
         backoff = 0.1
@@ -244,6 +259,7 @@ class Subscriber:
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(pubsub, resync_since))
                 group.create_task(self._watch(reader))
+                group.create_task(self._drop(pubsub))
         finally:
             self._pubsub = None
             try:

@@ -204,9 +204,7 @@ class Gateway:
         rel = conn.relationship_id
         if self.hub.remove(conn):
             self._subscriptions.pop(rel, None)
-            await self.subscriber.unsubscribe(
-                [self._gestures.channel(rel), self._presence.channel(rel)]
-            )
+            self.subscriber.unsubscribe([self._gestures.channel(rel), self._presence.channel(rel)])
 
     # ------------------------------------------------------------------ the endpoint
 
