@@ -283,11 +283,16 @@ class Gestures:
         self._publisher.publish(row for o in outcomes if isinstance(o, _Sent) for row in o.outbox)
 
     def _sent_event(self, gesture: Gesture) -> tuple[str, bytes]:
-        event = GestureSent(
+        return self._event_row(GestureSent, gesture, gesture.sent_at)
+
+    def _event_row(self, kind: type, gesture: Gesture, at, **extra) -> tuple[str, bytes]:
+        """(channel, payload) of an event announcing `gesture` after a change at `at`."""
+        event = kind(
             event_id=uuid.uuid4(),
-            occurred_at=gesture.sent_at,
+            occurred_at=at,
             relationship_id=gesture.relationship_id,
             gesture=gesture,
+            **extra,
         )
         return self.channel(gesture.relationship_id), encoder.encode(event)
 
@@ -357,17 +362,11 @@ class Gestures:
                 [response] = await store.insert_gestures(conn, [new])
                 acknowledged = await store.link_response(conn, gesture_id, response.id)
             events.append(
-                (
-                    self.channel(original.relationship_id),
-                    encoder.encode(
-                        GestureAcknowledged(
-                            event_id=uuid.uuid4(),
-                            occurred_at=acknowledged.acknowledged_at,
-                            relationship_id=original.relationship_id,
-                            gesture=acknowledged,
-                            response_gesture=response,
-                        )
-                    ),
+                self._event_row(
+                    GestureAcknowledged,
+                    acknowledged,
+                    acknowledged.acknowledged_at,
+                    response_gesture=response,
                 )
             )
             if response is not None:
@@ -443,28 +442,11 @@ class Gestures:
             raise
 
     async def _mark(self, ids: list[uuid.UUID]) -> None:
-        try:
-            async with store.transaction(self._pool, self._timeout) as conn:
-                marked = await store.mark_delivered(conn, ids)
-                rows = await store.add_outbox(
-                    conn,
-                    [
-                        (
-                            self.channel(g.relationship_id),
-                            encoder.encode(
-                                GestureDelivered(
-                                    event_id=uuid.uuid4(),
-                                    occurred_at=g.delivered_at,
-                                    relationship_id=g.relationship_id,
-                                    gesture=g,
-                                )
-                            ),
-                        )
-                        for g in marked
-                    ],
-                )
-        except errors.Unavailable:
-            raise
+        async with store.transaction(self._pool, self._timeout) as conn:
+            marked = await store.mark_delivered(conn, ids)
+            rows = await store.add_outbox(
+                conn, [self._event_row(GestureDelivered, g, g.delivered_at) for g in marked]
+            )
         self._publisher.publish(rows)
 
 

@@ -216,10 +216,10 @@ class ErrorFrame(Struct, tag="error", **_frame):
 
 # ---------------------------------------------------------------------------- Redis events
 
-_event = {"tag_field": "event", "kw_only": True}
 
+class _Event(Struct, tag_field="event", kw_only=True):
+    """What every event carries; `gesture` is the gesture after the change."""
 
-class GestureSent(Struct, tag="gesture.sent", **_event):
     v: int = 1
     event_id: uuid.UUID
     occurred_at: datetime
@@ -227,20 +227,15 @@ class GestureSent(Struct, tag="gesture.sent", **_event):
     gesture: Gesture
 
 
-class GestureDelivered(Struct, tag="gesture.delivered", **_event):
-    v: int = 1
-    event_id: uuid.UUID
-    occurred_at: datetime
-    relationship_id: uuid.UUID
-    gesture: Gesture
+class GestureSent(_Event, tag="gesture.sent"):
+    pass
 
 
-class GestureAcknowledged(Struct, tag="gesture.acknowledged", **_event):
-    v: int = 1
-    event_id: uuid.UUID
-    occurred_at: datetime
-    relationship_id: uuid.UUID
-    gesture: Gesture
+class GestureDelivered(_Event, tag="gesture.delivered"):
+    pass
+
+
+class GestureAcknowledged(_Event, tag="gesture.acknowledged"):
     response_gesture: Gesture | None = None
 
 
