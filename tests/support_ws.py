@@ -9,7 +9,6 @@ import socket
 import subprocess
 import time
 import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import httpx
@@ -17,6 +16,7 @@ import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
 from .conftest import Couple, bearer, free_port
+from .support_helpers import eventually
 from .wsclient import Client
 
 
@@ -52,17 +52,6 @@ async def refused(ws_url: str, relationship_id, tok: str) -> tuple[int, list[dic
     client = await Client.open(ws_url, relationship_id, tok)
     code = await client.closed_with()
     return code, client.seen
-
-
-async def eventually(
-    check: Callable[[], Awaitable[bool]], timeout: float = 5.0, interval: float = 0.05
-) -> None:
-    """Poll `check` until it answers True; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not await check():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not true within {timeout} s")
-        await asyncio.sleep(interval)
 
 
 async def gather_received(client: Client, ids: set[str], timeout: float = 15.0) -> list[str]:
