@@ -186,7 +186,21 @@ def settings_env(s: Settings) -> dict[str, str]:
 # ---------------------------------------------------------------------------- servers
 
 
-class InProcess:
+class _Listening:
+    """A service listening on 127.0.0.1:`port`."""
+
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+
+class InProcess(_Listening):
     """A uvicorn.Server on the test's own event loop."""
 
     def __init__(self, settings: Settings) -> None:
@@ -202,14 +216,6 @@ class InProcess:
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task | None = None
         self.port = 0
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
     async def start(self) -> None:
         self.task = asyncio.create_task(self.server.serve())
@@ -249,7 +255,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class Process:
+class Process(_Listening):
     """A separate `uvicorn service.app:app` process, as operators run it."""
 
     def __init__(self, settings: Settings, log_dir: Path) -> None:
@@ -257,14 +263,6 @@ class Process:
         self.port = free_port()
         self.log_path = log_dir / f"uvicorn-{self.port}.log"
         self.popen: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws_url(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws"
 
     def start(self) -> None:
         with open(self.log_path, "ab") as log:

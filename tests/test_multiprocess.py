@@ -14,12 +14,11 @@ import pytest
 import redis.asyncio as aioredis
 
 from .conftest import Couple, make_couple
+from .support_helpers import OwnRedis, eventually
 from .support_ws import (
-    OwnRedis,
     SilentClient,
     close_quietly,
     connect,
-    eventually,
     gather,
     gather_received,
     no_frame,
