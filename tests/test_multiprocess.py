@@ -256,12 +256,16 @@ async def _stream(
 
 
 async def test_every_gesture_arrives_once_when_redis_kills_the_pubsub_connections(
-    processes, couple: Couple, http: httpx.AsyncClient, settings
+    processes, couple: Couple, http: httpx.AsyncClient, tmp_path
 ):
-    p1, p2 = await processes(2, rate_limit_per_minute=10_000)
+    # A Redis of the test's own: CLIENT KILL TYPE pubsub on a shared one would break every
+    # other subscriber on it (other test runs, the bench).
+    own = OwnRedis(tmp_path)
+    await own.start()
+    p1, p2 = await processes(2, redis_url=own.url, rate_limit_per_minute=10_000)
     b1 = await connect(p1.ws_url, couple, "partner_b")
     b2 = await connect(p2.ws_url, couple, "partner_b")
-    redis = aioredis.Redis.from_url(settings.redis_url)
+    redis = aioredis.Redis.from_url(own.url)
     killed = []
 
     async def kill_pubsub() -> None:
@@ -278,7 +282,8 @@ async def test_every_gesture_arrives_once_when_redis_kills_the_pubsub_connection
             assert duplicates == {}
     finally:
         await redis.aclose()
-    await close_quietly(b1, b2)
+        await close_quietly(b1, b2)
+        await own.shutdown()
 
 
 async def test_every_committed_gesture_reaches_the_online_recipient_across_a_redis_restart(
