@@ -21,6 +21,7 @@ from .support_ws import (
     connect,
     gather,
     gather_received,
+    headers_of,
     no_frame,
     send_http,
 )
@@ -399,3 +400,31 @@ async def test_sigterm_closes_sockets_with_1012_and_the_client_resumes_on_anothe
     assert pending == [first["id"], second["id"]]
     await a.expect("presence", partner="partner_b", online=True)
     await close_quietly(a, b)
+
+
+async def test_the_greeting_sends_at_most_the_limit_oldest_first_and_http_lists_the_rest(
+    processes, couple: Couple, http: httpx.AsyncClient
+):
+    p1, p2 = await processes(2, ws_greeting_limit=3)
+    sent = [
+        (await send_http(http, p1.url, couple, message=f"#{i}"))["gesture"]["id"] for i in range(5)
+    ]
+    b = await Client.open(p2.ws_url, couple.id, couple.b_token)
+    greeting = [await b.recv() for _ in range(4)]
+    assert greeting[0]["type"] == "presence"
+    assert [f["gesture"]["id"] for f in greeting[1:]] == sent[:3]
+    # Nothing more of the greeting: the next frame is the answer to a ping.
+    await b.send(type="ping", request_id="after-greeting")
+    assert await b.recv() == {"type": "pong", "request_id": "after-greeting"}
+    # The other two stay pending, readable over HTTP, oldest first.
+    r = await http.get(
+        f"{p2.url}/api/gestures/pending",
+        params={"relationship_id": str(couple.id), "partner_id": "partner_b"},
+        headers=headers_of(couple, "partner_b"),
+    )
+    assert r.status_code == 200, r.text
+    assert [g["id"] for g in r.json()["gestures"]] == sent
+    # A live gesture still arrives after a limited greeting.
+    live = (await send_http(http, p1.url, couple, message="live"))["gesture"]["id"]
+    assert (await b.expect("gesture_received"))["gesture"]["id"] == live
+    await close_quietly(b)
