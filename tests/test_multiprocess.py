@@ -321,12 +321,15 @@ async def test_every_committed_gesture_reaches_the_online_recipient_across_a_red
 async def test_a_client_that_stops_reading_is_dropped_while_others_keep_receiving(
     processes, database_url: str, http: httpx.AsyncClient
 ):
-    [p] = await processes(1, ws_queue_size=16, rate_limit_per_minute=100_000)
+    [p] = await processes(
+        1, ws_queue_size=16, rate_limit_per_minute=100_000, ws_greeting_limit=10_000
+    )
     slow_couple = await make_couple(database_url)
     other = await make_couple(database_url)
     # Loopback TCP buffers a few MB before the server's writes block (the kernel grows the
-    # send buffer to tcp_wmem's max): a backlog of pending gestures fills them at connect,
-    # so the live gestures that follow find the socket stuck.
+    # send buffer to tcp_wmem's max): a backlog of pending gestures, greeted whole under a
+    # raised WS_GREETING_LIMIT, fills them at connect, so the live gestures that follow find
+    # the socket stuck.
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
