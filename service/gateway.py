@@ -392,7 +392,7 @@ class Gateway:
             if len(data) > limit or (
                 isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
             ):
-                await _close(ws, TOO_BIG, "frame over 16 KiB")
+                await self._too_big(ws, conn)
                 return TOO_BIG
             if conn.closed:
                 continue
@@ -400,6 +400,17 @@ class Gateway:
                 conn.end(UNAUTHORIZED, "token expired")
                 continue
             await self._handle(conn, caller, data)
+
+    async def _too_big(self, ws: WebSocket, conn: Connection) -> None:
+        """Close with 1009, after the replies to the frames before it (a gesture_sent among
+        them) are written: a client that is reading gets them within a second."""
+        try:
+            async with asyncio.timeout(1.0):
+                await conn.drained()
+        except TimeoutError:
+            pass
+        conn.closed = True
+        await _close(ws, TOO_BIG, "frame over 16 KiB")
 
     async def _handle(self, conn: Connection, caller, data: str | bytes) -> None:
         try:
