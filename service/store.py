@@ -227,6 +227,17 @@ async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Rela
     return None if r is None else Relationship(**dict(r))
 
 
+async def get_relationships(
+    conn: Connection, relationship_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Relationship]:
+    rows = await conn.fetch(
+        """SELECT id, partner_a_id, partner_b_id, created_at FROM relationships
+        WHERE id = any($1::uuid[])""",
+        relationship_ids,
+    )
+    return {r["id"]: Relationship(**dict(r)) for r in rows}
+
+
 async def put_relationship(
     conn: Connection, relationship_id: uuid.UUID, partner_a_id: str | None, partner_b_id: str | None
 ) -> Relationship:

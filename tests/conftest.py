@@ -180,6 +180,7 @@ def settings_env(s: Settings) -> dict[str, str]:
         WS_IDLE_TIMEOUT=str(s.ws_idle_timeout),
         RATE_LIMIT_PER_MINUTE=str(s.rate_limit_per_minute),
         SHUTDOWN_TIMEOUT=str(s.shutdown_timeout),
+        RELATIONSHIP_CACHE_TTL=str(s.relationship_cache_ttl),
     )
     return env
 
