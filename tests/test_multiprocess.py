@@ -38,7 +38,7 @@ async def http():
 
 
 def presence_key(settings, couple: Couple, role: str) -> str:
-    return f"{settings.presence_prefix}{couple.id}:{role}"
+    return f"{settings.presence_prefix}{{{couple.id}}}:{role}"
 
 
 # ---------------------------------------------------------------------------- frame flows
@@ -196,7 +196,7 @@ async def test_presence_follows_a_partner_across_processes_without_flapping_on_r
         key = presence_key(settings, couple, "partner_b")
 
         async def one_entry() -> bool:
-            return await redis.zcard(key) == 1
+            return await redis.scard(key) == 1
 
         await eventually(one_entry, timeout=5)
         await b.send(type="gesture", gesture_type="hug", request_id="barrier")
@@ -229,7 +229,7 @@ async def test_kill_9_of_a_process_takes_its_partner_offline_within_the_ttl(
     assert (await send_http(http, p1.url, couple))["recipient_online"] is False
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zcard(presence_key(settings, couple, "partner_b")) == 0
+        assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
     finally:
         await redis.aclose()
     # A is still served by p1.
@@ -387,7 +387,7 @@ async def test_sigterm_closes_sockets_with_1012_and_the_client_resumes_on_anothe
     assert "shutdown did not finish cleanly" not in log
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zcard(presence_key(settings, couple, "partner_b")) == 0
+        assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
     finally:
         await redis.aclose()
 
