@@ -15,6 +15,8 @@ import argparse
 import json
 import math
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -39,6 +41,12 @@ OPTIONS: dict[str, dict] = {
         "app_ping": 0,
         "env": _NO_IDLE,
     },
+    # Ten times the pings of uvicorn-ping-30: for profiling what one ping costs.
+    "uvicorn-ping-3": {
+        "flags": ["--ws-ping-interval", "3", "--ws-ping-timeout", "20"],
+        "app_ping": 0,
+        "env": _NO_IDLE,
+    },
     # The client's `ping` frame every 30 s, the app's idle timeout, no protocol pings.
     "app-ping-30": {
         "flags": ["--ws-ping-interval", "0"],
@@ -46,13 +54,33 @@ OPTIONS: dict[str, dict] = {
         "env": {"WS_IDLE_TIMEOUT": "75"},
     },
     "none": {"flags": ["--ws-ping-interval", "0"], "app_ping": 0, "env": _NO_IDLE},
+    # Clients offering permessage-deflate, as browsers do: the default (refused) and
+    # WS_PER_MESSAGE_DEFLATE=true (negotiated: a compressor and a decompressor per socket).
+    "deflate-offered": {"flags": [], "app_ping": 0, "env": {}, "compression": "deflate"},
+    "deflate-on": {
+        "flags": [],
+        "app_ping": 0,
+        "env": {"WS_PER_MESSAGE_DEFLATE": "true"},
+        "compression": "deflate",
+    },
 }
 
 
-def measure(b: Bench, name: str, rels: list, n: int, per_gen: int, window: float, ws: str) -> dict:
+def measure(
+    b: Bench,
+    name: str,
+    rels: list,
+    n: int,
+    per_gen: int,
+    window: float,
+    ws: str,
+    profile: str | None = None,
+) -> dict:
     opt = OPTIONS[name]
     port = free_port()
     svc = b.start_service(f"idle-{name}", port, ws=ws, flags=opt["flags"], env=opt["env"])
+    time.sleep(1.0)
+    rss0 = svc.rss()
     clients = []
     for rid, a, bb in rels:
         clients += [[port, rid, b.token(a)], [port, rid, b.token(bb)]]
@@ -66,6 +94,7 @@ def measure(b: Bench, name: str, rels: list, n: int, per_gen: int, window: float
         window + 400,
         reconnect=False,
         app_ping=opt["app_ping"],
+        compression=opt.get("compression"),
         connect_concurrency=64,
         connect_deadline=240,
     )
@@ -74,7 +103,30 @@ def measure(b: Bench, name: str, rels: list, n: int, per_gen: int, window: float
         connected = sum(r["connected"] for r in ready)
         time.sleep(10.0)  # joins, greetings and the first beats of the newly connected
         c0 = b.cpu.snapshot(gens)
-        time.sleep(window)
+        if profile:
+            # py-spy samples the service for the window (and costs it a little CPU).
+            svg = Path(profile) / f"idle-{name}.txt"
+            subprocess.run(
+                [
+                    Path(sys.executable).parent / "py-spy",
+                    "record",
+                    "-p",
+                    str(svc.pid),
+                    "-d",
+                    str(int(window)),
+                    "-r",
+                    "50",
+                    "-o",
+                    str(svg),
+                    "--nonblocking",
+                    "-f",
+                    "raw",
+                ],
+                capture_output=True,
+                timeout=window + 60,
+            )
+        else:
+            time.sleep(window)
         cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
         reps = _report_all(gens, "none", full=False)
         res = {
@@ -90,6 +142,8 @@ def measure(b: Bench, name: str, rels: list, n: int, per_gen: int, window: float
             "generators_cpu_pct": round(sum(cpu["generators_pct"].values()), 1),
             "window_s": cpu["wall_s"],
             "rss_mib": round(svc.rss() / 2**20, 1),
+            # Every socket has had at least one frame (its greeting) through its compressor.
+            "kib_per_socket": round((svc.rss() - rss0) / 1024 / max(connected, 1), 1),
             "loadavg_after": os.getloadavg(),
         }
     finally:
@@ -106,6 +160,7 @@ def main() -> None:
     ap.add_argument("--window", type=float, default=60.0)
     ap.add_argument("--options", default="uvicorn-ping-30,app-ping-30,none")
     ap.add_argument("--ws", default="wsproto", help="uvicorn's --ws implementation")
+    ap.add_argument("--profile", help="a folder: py-spy flame graphs of the service there")
     ap.add_argument("--label", default="", help="recorded with the figures (e.g. the change)")
     ap.add_argument("--out", default="bench/results/idle.json", help="figures appended here")
     args = ap.parse_args()
@@ -117,7 +172,11 @@ def main() -> None:
     with Bench(quick=False) as b:
         rels = b.seed(math.ceil(args.sockets / 2))
         for name in names:
-            results.append(measure(b, name, rels, args.sockets, args.per_gen, args.window, args.ws))
+            results.append(
+                measure(
+                    b, name, rels, args.sockets, args.per_gen, args.window, args.ws, args.profile
+                )
+            )
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.read_text()) if out.exists() else []

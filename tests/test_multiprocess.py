@@ -4,6 +4,7 @@ killed, a Redis restart, a client that stops reading, SIGTERM)."""
 
 import asyncio
 import collections
+import re
 import signal
 import time
 import uuid
@@ -227,11 +228,22 @@ async def test_kill_9_of_a_process_takes_its_partner_offline_within_the_ttl(
     await a.expect("presence", partner="partner_b", online=False, timeout=ttl + 3)
     assert time.monotonic() - killed_at <= ttl + 1.5
     assert (await send_http(http, p1.url, couple))["recipient_online"] is False
+    # The survivor removed the dead process's entries and its liveness: nothing lingers.
+    dead_node = re.search(r"ready pid=\d+ node=(\w+)", p2.log()).group(1)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
         assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
+
+        async def reaped() -> bool:
+            prefix = settings.presence_prefix
+            return not await redis.exists(f"{prefix}entries:{dead_node}") and (
+                await redis.zscore(f"{prefix}nodes", dead_node) is None
+            )
+
+        await eventually(reaped, timeout=5)
     finally:
         await redis.aclose()
+    assert "removed a dead process's entries" in p1.log()
     # A is still served by p1.
     await a.send(type="ping", request_id="alive")
     await a.expect("pong", request_id="alive")
