@@ -20,30 +20,40 @@ import sys
 import time
 from pathlib import Path
 
-from .infra import Bench, free_port
+from .infra import WS_PROTOCOL, Bench, free_port
 from .steps import _ready_all, _report_all, _ws_gens
 
 _NO_IDLE = {"WS_IDLE_TIMEOUT": "100000"}  # the app's own idle timeout out of the way
 OPTIONS: dict[str, dict] = {
     # What the project shipped before issue 7: both mechanisms at once.
     "both": {
+        "ws": "wsproto",
         "flags": ["--ws-ping-interval", "20", "--ws-ping-timeout", "20"],
         "app_ping": 30,
         "env": {},
     },
     "uvicorn-ping-20": {
+        "ws": "wsproto",
         "flags": ["--ws-ping-interval", "20", "--ws-ping-timeout", "20"],
         "app_ping": 0,
         "env": _NO_IDLE,
     },
     "uvicorn-ping-30": {
+        "ws": "wsproto",
         "flags": ["--ws-ping-interval", "30", "--ws-ping-timeout", "20"],
         "app_ping": 0,
         "env": _NO_IDLE,
     },
     # Ten times the pings of uvicorn-ping-30: for profiling what one ping costs.
     "uvicorn-ping-3": {
+        "ws": "wsproto",
         "flags": ["--ws-ping-interval", "3", "--ws-ping-timeout", "20"],
+        "app_ping": 0,
+        "env": _NO_IDLE,
+    },
+    # The project's keepalive: the same pings, sent by one timer a process (service.wsserver).
+    "wheel-30": {
+        "flags": ["--ws-ping-interval", "30", "--ws-ping-timeout", "20"],
         "app_ping": 0,
         "env": _NO_IDLE,
     },
@@ -78,6 +88,7 @@ def measure(
 ) -> dict:
     opt = OPTIONS[name]
     port = free_port()
+    ws = opt.get("ws", ws)
     svc = b.start_service(f"idle-{name}", port, ws=ws, flags=opt["flags"], env=opt["env"])
     time.sleep(1.0)
     rss0 = svc.rss()
@@ -159,7 +170,7 @@ def main() -> None:
     ap.add_argument("--per-gen", type=int, default=3750)
     ap.add_argument("--window", type=float, default=60.0)
     ap.add_argument("--options", default="uvicorn-ping-30,app-ping-30,none")
-    ap.add_argument("--ws", default="wsproto", help="uvicorn's --ws implementation")
+    ap.add_argument("--ws", default=WS_PROTOCOL, help="uvicorn's --ws, where an option names none")
     ap.add_argument("--profile", help="a folder: py-spy flame graphs of the service there")
     ap.add_argument("--label", default="", help="recorded with the figures (e.g. the change)")
     ap.add_argument("--out", default="bench/results/idle.json", help="figures appended here")

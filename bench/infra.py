@@ -24,7 +24,7 @@ from pathlib import Path
 
 import psutil
 
-from service.cli import uvicorn_command
+from service.cli import WS_PROTOCOL, uvicorn_command
 from service.config import from_env
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -150,7 +150,7 @@ class Service:
         bench: "Bench",
         name: str,
         port: int,
-        ws: str = "wsproto",
+        ws: str = WS_PROTOCOL,
         flags: list[str] | None = None,
         env: dict[str, str] | None = None,
     ) -> None:
@@ -435,7 +435,7 @@ class Bench:
             "DB_POOL_MAX": os.environ.get("BENCH_DB_POOL_MAX", "16"),
         }
 
-    def start_service(self, name: str, port: int, ws: str = "wsproto", **kw) -> Service:
+    def start_service(self, name: str, port: int, ws: str = WS_PROTOCOL, **kw) -> Service:
         svc = Service(self, name, port, ws, **kw)
         self.services[name] = svc
         svc.wait_ready()

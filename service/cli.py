@@ -146,12 +146,16 @@ def dev_server(processes: int, first_port: int) -> int:
             child.wait(timeout=20)
 
 
+# uvicorn's wsproto protocol with one keepalive timer per process (see service/wsserver.py).
+WS_PROTOCOL = "service.wsserver:WSProtocol"
+
+
 def uvicorn_command(
-    settings: config.Settings, port: int, *extra: str, ws: str = "wsproto"
+    settings: config.Settings, port: int, *extra: str, ws: str = WS_PROTOCOL
 ) -> list[str]:
     """The uvicorn command line the project runs the service with (the dev command, the
     bench, the tests; the Procfile and the image spell the same in shell). Compression off
-    unless `WS_PER_MESSAGE_DEFLATE` says otherwise, and one keepalive: uvicorn's pings."""
+    unless `WS_PER_MESSAGE_DEFLATE` says otherwise, and one keepalive: protocol pings."""
     options = config.uvicorn_options(settings)
     return [
         sys.executable,

@@ -210,7 +210,7 @@ class InProcess(_Listening):
             create_app(settings),
             host="127.0.0.1",
             port=0,
-            ws="wsproto",
+            ws=cli.WS_PROTOCOL,
             log_level="warning",
             lifespan="on",
             **uvicorn_options(settings),

@@ -1,0 +1,114 @@
+"""The WebSocket protocol the project runs under uvicorn: uvicorn's wsproto protocol, with its
+keepalive pings sent by one timer per server instead of one per socket.
+
+uvicorn pings each socket from a timer of its own and arms a second timer for the pong, so
+at 15,000 sockets and a ping every 30 s the event loop wakes a thousand times a second, once
+for each ping and once for each pong. Here one timer ticks every second and visits the
+sockets whose turn it is (each socket's turn comes every `--ws-ping-interval` seconds): it
+pings them all in one pass, so their pongs come back together, and closes the sockets whose
+previous ping went unanswered for `--ws-ping-timeout` seconds with 1011 "keepalive ping
+timeout", as uvicorn does. The promise is uvicorn's: a peer that stops answering pings (gone
+without a close, behind a proxy or not) is closed within interval + timeout seconds; a
+quiet one that answers stays open. Nothing here knows the app.
+
+Run it as `uvicorn service.app:app --ws service.wsserver:WSProtocol` (the project's
+commands do); everything but the keepalive is uvicorn's `--ws wsproto`.
+"""
+
+import asyncio
+import struct
+import weakref
+from collections import deque
+
+from uvicorn.config import Config
+from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _WsprotoProtocol
+from wsproto.connection import ConnectionState
+from wsproto.events import Pong
+
+_TICK = 1.0
+
+
+class Wheel:
+    """The sockets of one server, in `interval` buckets of which one is pinged a tick."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, interval: float, timeout: float | None):
+        self._loop = loop
+        self._buckets: list[set[WSProtocol]] = [set() for _ in range(max(1, round(interval)))]
+        self._tick = interval / len(self._buckets)
+        self._timeout = timeout
+        self._give = 0  # the bucket the next socket joins
+        self._visit = 0  # the bucket the next tick pings
+        self._round = 0
+        self._waiting: deque[tuple[float, list[WSProtocol]]] = deque()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def add(self, protocol: "WSProtocol") -> None:
+        bucket = self._buckets[self._give]
+        self._give = (self._give + 1) % len(self._buckets)
+        bucket.add(protocol)
+        protocol.keepalive_bucket = bucket
+        if self._timer is None:
+            self._timer = self._loop.call_later(self._tick, self._run)
+
+    def _run(self) -> None:
+        self._timer = None
+        now = self._loop.time()
+        # Pings due for an answer: unanswered means a dead peer.
+        while self._waiting and self._waiting[0][0] <= now:
+            _, pinged = self._waiting.popleft()
+            for protocol in pinged:
+                if protocol.keepalive_bucket is not None and protocol.pending_ping_payload:
+                    protocol.keepalive_timeout()
+        self._round = (self._round + 1) & 0xFFFFFFFF
+        payload = struct.pack("!I", self._round)
+        # A ping from the server is unmasked: FIN + opcode 9, then the payload's length.
+        frame = b"\x89" + bytes([len(payload)]) + payload
+        bucket = self._buckets[self._visit]
+        self._visit = (self._visit + 1) % len(self._buckets)
+        pinged = [p for p in bucket if not p.pending_ping_payload and p.ping(payload, frame)]
+        if pinged and self._timeout is not None:
+            self._waiting.append((now + self._timeout, pinged))
+        if any(self._buckets) or self._waiting:
+            self._timer = self._loop.call_later(self._tick, self._run)
+
+
+# One wheel per server (its Config), so servers on one loop (tests) keep their own settings.
+_wheels: "weakref.WeakKeyDictionary[Config, Wheel]" = weakref.WeakKeyDictionary()
+
+
+class WSProtocol(_WsprotoProtocol):
+    keepalive_bucket: set["WSProtocol"] | None = None
+
+    def start_keepalive(self) -> None:
+        if not self.ping_interval:
+            return  # --ws-ping-interval 0: no pings
+        wheel = _wheels.get(self.config)
+        if wheel is None:
+            wheel = _wheels[self.config] = Wheel(self.loop, self.ping_interval, self.ping_timeout)
+        wheel.add(self)
+
+    def stop_keepalive(self) -> None:
+        if self.keepalive_bucket is not None:
+            self.keepalive_bucket.discard(self)
+            self.keepalive_bucket = None
+        self.pending_ping_payload = None
+
+    def ping(self, payload: bytes, frame: bytes) -> bool:
+        """Send the tick's ping (`frame`, already encoded); False if the socket is closing."""
+        if (
+            self.close_sent
+            or self.transport.is_closing()
+            or self.conn.state != ConnectionState.OPEN
+        ):
+            return False
+        self.pending_ping_payload = payload
+        self.transport.write(frame)
+        return True
+
+    def handle_pong(self, event: Pong) -> None:
+        # A pong of an earlier round (a late answer) does not count for this one.
+        if (
+            self.pending_ping_payload is not None
+            and bytes(event.payload) == self.pending_ping_payload
+        ):
+            self.pending_ping_payload = None
