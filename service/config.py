@@ -32,7 +32,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Redis names
     channel_prefix: str = "gestures:"
     presence_prefix: str = "gesture-presence:"
-    # Presence: a process refreshes its entries every presence_ttl / 3 seconds.
+    # Presence: each process beats every presence_ttl / 6 s; a dead one stops counting
+    # within presence_ttl.
     presence_ttl: float = 30.0
     presence_grace: float = 3.0
     # What uvicorn's command line carries (see `uvicorn_options`): the app can neither refuse
