@@ -57,6 +57,18 @@ OPTIONS: dict[str, dict] = {
         "app_ping": 0,
         "env": _NO_IDLE,
     },
+    "wheel-30-sansio": {
+        "ws": "service.wsserver:SansioWSProtocol",
+        "flags": ["--ws-ping-interval", "30", "--ws-ping-timeout", "20"],
+        "app_ping": 0,
+        "env": _NO_IDLE,
+    },
+    "sansio-ping-30": {
+        "ws": "websockets-sansio",
+        "flags": ["--ws-ping-interval", "30", "--ws-ping-timeout", "20"],
+        "app_ping": 0,
+        "env": _NO_IDLE,
+    },
     # The client's `ping` frame every 30 s, the app's idle timeout, no protocol pings.
     "app-ping-30": {
         "flags": ["--ws-ping-interval", "0"],

@@ -13,6 +13,7 @@ quiet one that answers stays open. Nothing here knows the app.
 
 Run it as `uvicorn service.app:app --ws service.wsserver:WSProtocol` (the project's
 commands do); everything but the keepalive is uvicorn's `--ws wsproto`.
+`service.wsserver:SansioWSProtocol` is the same over `--ws websockets-sansio`.
 """
 
 import asyncio
@@ -21,7 +22,11 @@ import weakref
 from collections import deque
 
 from uvicorn.config import Config
+from uvicorn.protocols.websockets.websockets_sansio_impl import (
+    WebSocketsSansIOProtocol as _SansioProtocol,
+)
 from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _WsprotoProtocol
+from websockets.protocol import State
 from wsproto.connection import ConnectionState
 from wsproto.events import Pong
 
@@ -76,8 +81,10 @@ class Wheel:
 _wheels: "weakref.WeakKeyDictionary[Config, Wheel]" = weakref.WeakKeyDictionary()
 
 
-class WSProtocol(_WsprotoProtocol):
-    keepalive_bucket: set["WSProtocol"] | None = None
+class _WheelKeepalive:
+    """The keepalive hooks of uvicorn's WebSocket protocols, given to the wheel."""
+
+    keepalive_bucket: set | None = None
 
     def start_keepalive(self) -> None:
         if not self.ping_interval:
@@ -95,20 +102,40 @@ class WSProtocol(_WsprotoProtocol):
 
     def ping(self, payload: bytes, frame: bytes) -> bool:
         """Send the tick's ping (`frame`, already encoded); False if the socket is closing."""
-        if (
-            self.close_sent
-            or self.transport.is_closing()
-            or self.conn.state != ConnectionState.OPEN
-        ):
+        if self.close_sent or self.transport.is_closing() or not self._open():
             return False
         self.pending_ping_payload = payload
-        self.transport.write(frame)
+        self._write_ping(payload, frame)
         return True
 
-    def handle_pong(self, event: Pong) -> None:
+    def _answered(self, payload: bytes) -> None:
         # A pong of an earlier round (a late answer) does not count for this one.
-        if (
-            self.pending_ping_payload is not None
-            and bytes(event.payload) == self.pending_ping_payload
-        ):
+        if self.pending_ping_payload is not None and payload == self.pending_ping_payload:
             self.pending_ping_payload = None
+
+
+class WSProtocol(_WheelKeepalive, _WsprotoProtocol):
+    """`--ws wsproto` with the wheel's keepalive: what the project runs."""
+
+    def _open(self) -> bool:
+        return self.conn.state == ConnectionState.OPEN
+
+    def _write_ping(self, payload: bytes, frame: bytes) -> None:
+        self.transport.write(frame)  # wsproto keeps no state for a ping it sends
+
+    def handle_pong(self, event: Pong) -> None:
+        self._answered(bytes(event.payload))
+
+
+class SansioWSProtocol(_WheelKeepalive, _SansioProtocol):
+    """`--ws websockets-sansio` with the wheel's keepalive, for comparing the two."""
+
+    def _open(self) -> bool:
+        return self.conn.state is State.OPEN
+
+    def _write_ping(self, payload: bytes, frame: bytes) -> None:
+        self.conn.send_ping(payload)
+        self.transport.write(b"".join(self.conn.data_to_send()))
+
+    def handle_pong(self, event) -> None:
+        self._answered(bytes(event.data))

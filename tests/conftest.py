@@ -204,13 +204,13 @@ class _Listening:
 class InProcess(_Listening):
     """A uvicorn.Server on the test's own event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ws: str = cli.WS_PROTOCOL) -> None:
         self.settings = settings
         config = uvicorn.Config(
             create_app(settings),
             host="127.0.0.1",
             port=0,
-            ws=cli.WS_PROTOCOL,
+            ws=ws,
             log_level="warning",
             lifespan="on",
             **uvicorn_options(settings),

@@ -441,15 +441,18 @@ async def test_sending_past_the_rate_limit_over_websocket_gets_rate_limited(
         await s.stop()
 
 
+@pytest.mark.parametrize(
+    "ws", ["service.wsserver:WSProtocol", "service.wsserver:SansioWSProtocol", "wsproto"]
+)
 async def test_a_peer_that_stops_answering_pings_is_closed_and_a_quiet_one_that_answers_stays(
-    database_url: str, redis_url: str, prefix: str, couple: Couple
+    database_url: str, redis_url: str, prefix: str, couple: Couple, ws: str
 ):
     """The one keepalive: protocol pings (one timer per process, service.wsserver), which
     browsers answer by themselves; no idle timeout."""
     settings = make_settings(
         database_url, redis_url, prefix, ws_ping_interval=0.3, ws_ping_timeout=0.3
     )
-    s = InProcess(settings)
+    s = InProcess(settings, ws)
     await s.start()
     try:
         quiet = await connect(s.ws_url, couple, "partner_b")  # sends nothing, answers pings
