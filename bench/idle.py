@@ -57,6 +57,11 @@ OPTIONS: dict[str, dict] = {
         "app_ping": 0,
         "env": _NO_IDLE,
     },
+    "wheel-3": {
+        "flags": ["--ws-ping-interval", "3", "--ws-ping-timeout", "20"],
+        "app_ping": 0,
+        "env": _NO_IDLE,
+    },
     "wheel-30-sansio": {
         "ws": "service.wsserver:SansioWSProtocol",
         "flags": ["--ws-ping-interval", "30", "--ws-ping-timeout", "20"],
