@@ -56,7 +56,8 @@ class Wheel:
             self._timer = self._loop.call_later(self._tick, self._run)
 
     def _run(self) -> None:
-        self._timer = None
+        # The next tick first: a socket that fails below must not stop the pings of the rest.
+        self._timer = self._loop.call_later(self._tick, self._run)
         now = self._loop.time()
         # Pings due for an answer: unanswered means a dead peer.
         while self._waiting and self._waiting[0][0] <= now:
@@ -73,8 +74,9 @@ class Wheel:
         pinged = [p for p in bucket if not p.pending_ping_payload and p.ping(payload, frame)]
         if pinged and self._timeout is not None:
             self._waiting.append((now + self._timeout, pinged))
-        if any(self._buckets) or self._waiting:
-            self._timer = self._loop.call_later(self._tick, self._run)
+        if not any(self._buckets) and not self._waiting:
+            self._timer.cancel()  # no sockets: the next one starts the ticks again
+            self._timer = None
 
 
 # One wheel per server (its Config), so servers on one loop (tests) keep their own settings.
