@@ -30,8 +30,6 @@ from websockets.protocol import State
 from wsproto.connection import ConnectionState
 from wsproto.events import Pong
 
-_TICK = 1.0
-
 
 class Wheel:
     """The sockets of one server, in `interval` buckets of which one is pinged a tick."""
