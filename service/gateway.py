@@ -16,7 +16,7 @@ How errors reach the client:
 | PostgreSQL down while connecting       | close 1013 (try again later)             |
 | frame over 16 KiB                      | close 1009                               |
 | client does not read its frames        | close 1008 (slow consumer)               |
-| nothing received for ws_idle_timeout   | close 1000 "idle timeout"                |
+| no pong to uvicorn's ping in time      | close 1011 by uvicorn (keepalive)        |
 | process shutting down                  | close 1012 (service restart)             |
 | frame not JSON, unknown type, bad field| `error` frame, code `invalid`            |
 | errors.Forbidden / NotFound            | `error` frame, `forbidden` / `not_found` |
@@ -380,12 +380,8 @@ class Gateway:
     async def _read(self, ws: WebSocket, conn: Connection, caller) -> int:
         limit = self._settings.ws_max_frame
         while True:
-            try:
-                async with asyncio.timeout(self._settings.ws_idle_timeout):
-                    message = await ws.receive()
-            except TimeoutError:
-                await _close(ws, 1000, "idle timeout")
-                return 1000
+            # No idle timeout of our own: uvicorn's pings find dead peers (WS_PING_INTERVAL).
+            message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return message.get("code", 1000)
             data = message.get("text")

@@ -4,6 +4,7 @@ killed, a Redis restart, a client that stops reading, SIGTERM)."""
 
 import asyncio
 import collections
+import re
 import signal
 import time
 import uuid
@@ -39,7 +40,7 @@ async def http():
 
 
 def presence_key(settings, couple: Couple, role: str) -> str:
-    return f"{settings.presence_prefix}{couple.id}:{role}"
+    return f"{settings.presence_prefix}{{{couple.id}}}:{role}"
 
 
 # ---------------------------------------------------------------------------- frame flows
@@ -197,7 +198,7 @@ async def test_presence_follows_a_partner_across_processes_without_flapping_on_r
         key = presence_key(settings, couple, "partner_b")
 
         async def one_entry() -> bool:
-            return await redis.zcard(key) == 1
+            return await redis.scard(key) == 1
 
         await eventually(one_entry, timeout=5)
         await b.send(type="gesture", gesture_type="hug", request_id="barrier")
@@ -228,11 +229,22 @@ async def test_kill_9_of_a_process_takes_its_partner_offline_within_the_ttl(
     await a.expect("presence", partner="partner_b", online=False, timeout=ttl + 3)
     assert time.monotonic() - killed_at <= ttl + 1.5
     assert (await send_http(http, p1.url, couple))["recipient_online"] is False
+    # The survivor removed the dead process's entries and its liveness: nothing lingers.
+    dead_node = re.search(r"ready pid=\d+ node=(\w+)", p2.log()).group(1)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zcard(presence_key(settings, couple, "partner_b")) == 0
+        assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
+
+        async def reaped() -> bool:
+            prefix = settings.presence_prefix
+            return not await redis.exists(f"{prefix}entries:{dead_node}") and (
+                await redis.zscore(f"{prefix}nodes", dead_node) is None
+            )
+
+        await eventually(reaped, timeout=5)
     finally:
         await redis.aclose()
+    assert "removed a dead process's entries" in p1.log()
     # A is still served by p1.
     await a.send(type="ping", request_id="alive")
     await a.expect("pong", request_id="alive")
@@ -391,7 +403,7 @@ async def test_sigterm_closes_sockets_with_1012_and_the_client_resumes_on_anothe
     assert "shutdown did not finish cleanly" not in log
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zcard(presence_key(settings, couple, "partner_b")) == 0
+        assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
     finally:
         await redis.aclose()
 
