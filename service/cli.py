@@ -181,23 +181,81 @@ def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
 
 
 def watch_events(relationship_id: str | None) -> int:
-    import redis
-
     url = os.environ.get("REDIS_URL")
     if not url and (DEV_DIR / "redis_url").exists():
         url = (DEV_DIR / "redis_url").read_text().strip()
     if not url:
         raise config.ConfigError("REDIS_URL is not set (and no .dev/redis_url: run `dev` once)")
     prefix = os.environ.get("CHANNEL_PREFIX", "gestures:")
-    pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(f"{prefix}{relationship_id or '*'}")
-    print(f"watching {prefix}{relationship_id or '*'}; Ctrl-C stops", flush=True)
     try:
-        for message in pubsub.listen():
-            print(message["channel"].decode(), message["data"].decode(), flush=True)
+        cluster = config.boolean(os.environ.get("REDIS_CLUSTER") or "false")
+    except ValueError:
+        raise config.ConfigError("REDIS_CLUSTER must be true or false") from None
+    try:
+        if cluster:
+            asyncio.run(_watch_cluster(url, prefix, relationship_id))
+        else:
+            _watch_redis(url, prefix, relationship_id)
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _watch_redis(url: str, prefix: str, relationship_id: str | None) -> None:
+    import redis
+
+    pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"{prefix}{relationship_id or '*'}")
+    print(f"watching {prefix}{relationship_id or '*'}; Ctrl-C stops", flush=True)
+    for message in pubsub.listen():
+        print(message["channel"].decode(), message["data"].decode(), flush=True)
+
+
+async def _watch_cluster(url: str, prefix: str, relationship_id: str | None) -> None:
+    """Sharded channels have no pattern subscription: one relationship's channel is followed
+    on its shard; for all, the channels someone subscribes to (a gateway holding a socket of
+    the relationship) are looked up on every master each second and followed."""
+    from . import bus
+
+    client = bus.redis_client(url, cluster=True, max_connections=4)
+
+    def show(channel: str, data: bytes) -> None:
+        print(channel, data.decode(), flush=True)
+
+    async def nothing_to_reread(since: float) -> None:
+        pass
+
+    subscriber = bus.ShardedSubscriber(client, on_message=show, on_resubscribed=nothing_to_reread)
+    runner = asyncio.create_task(subscriber.run())
+    try:
+        if relationship_id:
+            await subscriber.subscribe([bus.channel_for(prefix, relationship_id)], timeout=30)
+            print(f"watching {prefix}{relationship_id} on the cluster; Ctrl-C stops", flush=True)
+            await runner
+        print(
+            f"watching {prefix}* on the cluster (channels that gateways subscribe to, "
+            "looked up each second); Ctrl-C stops",
+            flush=True,
+        )
+        followed: set[str] = set()
+        while not runner.done():
+            try:
+                names = await client.execute_command(
+                    "PUBSUB SHARDCHANNELS", f"{prefix}*", target_nodes=client.get_primaries()
+                )
+            except bus.REDIS_ERRORS:
+                names = []
+            new = {n.decode() if isinstance(n, bytes) else n for n in names} - followed
+            if new:
+                followed |= new
+                for channel in sorted(new):
+                    print(f"following {channel}", file=sys.stderr, flush=True)
+                await subscriber.subscribe(sorted(new))
+            await asyncio.sleep(1.0)
+        await runner
+    finally:
+        runner.cancel()
+        await client.aclose()
 
 
 def write_schemas(directory: Path) -> int:

@@ -18,6 +18,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str
     jwt_secret: str
+    # REDIS_URL names any node of a Redis Cluster: sharded pub/sub, hash-tagged keys.
+    redis_cluster: bool = False
     port: int = 8000
     # Pools
     db_pool_min: int = 2
@@ -45,11 +47,22 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     relay_min_age: float = 2.0
 
 
+def boolean(raw: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no, on/off); ValueError otherwise."""
+    match raw.strip().lower():
+        case "true" | "1" | "yes" | "on":
+            return True
+        case "false" | "0" | "no" | "off":
+            return False
+    raise ValueError(raw)
+
+
 # name in the environment -> (field, parser)
 _VARIABLES: dict[str, tuple[str, type]] = {
     "DATABASE_URL": ("database_url", str),
     "REDIS_URL": ("redis_url", str),
     "JWT_SECRET": ("jwt_secret", str),
+    "REDIS_CLUSTER": ("redis_cluster", boolean),
     "PORT": ("port", int),
     "DB_POOL_MIN": ("db_pool_min", int),
     "DB_POOL_MAX": ("db_pool_max", int),
@@ -89,9 +102,9 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = parser(raw)
         except ValueError:
-            kind = "an integer" if parser is int else "a number"
+            kind = {int: "an integer", float: "a number"}.get(parser, "true or false")
             raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
-        if parser is not str and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
+        if parser in (int, float) and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
             raise ConfigError(f"{name} must be positive, got {raw!r}")
         values[field] = value
     return Settings(**values)

@@ -1,16 +1,22 @@
 """Who is online, as Redis entries that heartbeats keep alive.
 
-Each partner of each relationship has a sorted set `{prefix}{relationship}:{role}` whose
+Each partner of each relationship has a sorted set `<prefix>{<relationship>}:<role>` whose
 members are the processes holding one of that partner's connections, scored by when the
 entry expires. A process refreshes its entries every `ttl / 3` seconds, so a process killed
 with `kill -9` stops counting within `ttl` seconds. A partner is online while any unexpired
 entry exists.
 
 When a partner's first entry appears or last one goes, a `PresenceChange` is published on
-`{prefix}{relationship}` from inside the same Lua script, so the change and its
+`<prefix>{<relationship>}` from inside the same Lua script, so the change and its
 announcement cannot be torn apart. A process announces the expiry of another process's
 entries when its sweep finds them. The last local connection's entry is removed only after
 `grace` seconds, so a phone that changes networks and reconnects does not flap.
+
+The braces are literal: a hash tag, so that on a Redis Cluster a relationship's presence
+keys, its presence channel and its rate-limit keys share one slot and each script touches
+one shard. In cluster mode (`sharded=True`) the scripts announce with SPUBLISH, and what a
+pipeline would batch goes as concurrent calls (redis-py refuses EVALSHA in a cluster
+pipeline); each still reaches the one shard its relationship lives on.
 """
 
 import asyncio
@@ -20,9 +26,11 @@ import uuid
 from collections import Counter
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisError
+from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
+
+_ERRORS = (RedisError, RedisClusterException, OSError)
 
 # KEYS[1] the partner's set, KEYS[2] the presence channel.
 # ARGV: node, now, expires_at, ttl_ms, partner
@@ -60,7 +68,16 @@ def _chunks(items: list, size: int = 500):
 class Presence:
     """This process's share of presence: local counts, grace timers, heartbeats."""
 
-    def __init__(self, redis: aioredis.Redis, *, prefix: str, node: str, ttl: float, grace: float):
+    def __init__(
+        self,
+        redis: aioredis.Redis | aioredis.RedisCluster,
+        *,
+        prefix: str,
+        node: str,
+        ttl: float,
+        grace: float,
+        sharded: bool = False,
+    ):
         self._redis = redis
         self._prefix = prefix
         self._node = node
@@ -72,20 +89,22 @@ class Presence:
         self._local: Counter[tuple[uuid.UUID, str]] = Counter()
         self._leaving: dict[tuple[uuid.UUID, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._join = redis.register_script(_JOIN)
-        self._leave = redis.register_script(_LEAVE)
+        self._sharded = sharded
+        publish = "'SPUBLISH'" if sharded else "'PUBLISH'"
+        self._join = redis.register_script(_JOIN.replace("'PUBLISH'", publish))
+        self._leave = redis.register_script(_LEAVE.replace("'PUBLISH'", publish))
 
     def key(self, relationship_id: uuid.UUID, role: str) -> str:
-        return f"{self._prefix}{relationship_id}:{role}"
+        return f"{self._prefix}{{{relationship_id}}}:{role}"
 
     def channel(self, relationship_id: uuid.UUID) -> str:
-        return f"{self._prefix}{relationship_id}"
+        return f"{self._prefix}{{{relationship_id}}}"
 
     async def is_online(self, relationship_id: uuid.UUID, role: str) -> bool:
         """Whether `role` holds a connection on any live process; False if Redis is down."""
         try:
             n = await self._redis.zcount(self.key(relationship_id, role), time.time(), "+inf")
-        except (RedisError, OSError):
+        except _ERRORS:
             return False
         return n > 0
 
@@ -124,7 +143,7 @@ class Presence:
                 keys=[self.key(*entry), self.channel(entry[0])],
                 args=[self._node, now, now + self._ttl, self._key_ttl_ms, entry[1]],
             )
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             log.warning("presence join failed", extra={"error": repr(exc)})
 
     async def _run_leave(self, entry: tuple[uuid.UUID, str], node: str | None = None) -> None:
@@ -136,7 +155,7 @@ class Presence:
                 keys=[self.key(*entry), self.channel(entry[0])],
                 args=[self._node if node is None else node, time.time(), entry[1]],
             )
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             log.warning("presence leave failed", extra={"error": repr(exc)})
 
     async def run(self) -> None:
@@ -149,7 +168,7 @@ class Presence:
                 if beat % 2 == 0:
                     await self._refresh()
                 await self._sweep()
-            except (RedisError, OSError) as exc:
+            except _ERRORS as exc:
                 log.warning("presence heartbeat failed", extra={"error": repr(exc)})
 
     async def _refresh(self) -> None:
@@ -170,14 +189,29 @@ class Presence:
         }
         now = time.time()
         for chunk in _chunks(list(others)):
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for entry in chunk:
-                    await self._leave(
-                        keys=[self.key(*entry), self.channel(entry[0])],
-                        args=["", now, entry[1]],
-                        client=pipe,
+            await self._leave_all(chunk, "", now)
+
+    async def _leave_all(self, entries, node: str, now: float) -> None:
+        """The leave script for each of `entries`, in one pipeline (one shard) or as
+        concurrent calls (a cluster)."""
+        if self._sharded:
+            await asyncio.gather(
+                *(
+                    self._leave(
+                        keys=[self.key(*entry), self.channel(entry[0])], args=[node, now, entry[1]]
                     )
-                await pipe.execute()
+                    for entry in entries
+                )
+            )
+            return
+        async with self._redis.pipeline(transaction=False) as pipe:
+            for entry in entries:
+                await self._leave(
+                    keys=[self.key(*entry), self.channel(entry[0])],
+                    args=[node, now, entry[1]],
+                    client=pipe,
+                )
+            await pipe.execute()
 
     async def close(self) -> None:
         """Drop every entry of this process now (shutdown), announcing what goes offline:
@@ -191,13 +225,7 @@ class Presence:
             return
         now = time.time()
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                for entry in entries:
-                    await self._leave(
-                        keys=[self.key(*entry), self.channel(entry[0])],
-                        args=[self._node, now, entry[1]],
-                        client=pipe,
-                    )
-                await pipe.execute()
-        except (RedisError, OSError) as exc:
+            for chunk in _chunks(list(entries)):
+                await self._leave_all(chunk, self._node, now)
+        except _ERRORS as exc:
             log.warning("presence entries left to expire", extra={"error": repr(exc)})

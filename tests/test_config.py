@@ -47,3 +47,11 @@ def test_non_numeric_tuning_variable_is_refused_by_name():
         from_env({**GOOD, "RATE_LIMIT_PER_MINUTE": "lots"})
     with pytest.raises(ConfigError, match="DB_TIMEOUT"):
         from_env({**GOOD, "DB_TIMEOUT": "soon"})
+
+
+def test_cluster_mode_is_off_by_default_and_read_as_a_boolean():
+    assert from_env(GOOD).redis_cluster is False
+    for raw, value in [("true", True), ("TRUE", True), ("1", True), ("false", False), ("0", False)]:
+        assert from_env({**GOOD, "REDIS_CLUSTER": raw}).redis_cluster is value
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER must be true or false"):
+        from_env({**GOOD, "REDIS_CLUSTER": "sometimes"})

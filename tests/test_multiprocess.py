@@ -38,7 +38,7 @@ async def http():
 
 
 def presence_key(settings, couple: Couple, role: str) -> str:
-    return f"{settings.presence_prefix}{couple.id}:{role}"
+    return f"{settings.presence_prefix}{{{couple.id}}}:{role}"
 
 
 # ---------------------------------------------------------------------------- frame flows
