@@ -3,6 +3,7 @@
 down after. Also used by the bench (`bench/infra.py`)."""
 
 import os
+import random
 import shutil
 import signal
 import socket
@@ -15,18 +16,16 @@ from redis.crc import key_slot
 
 
 def _free_cluster_port() -> int:
-    """A free port whose cluster bus port (port + 10000) is free too."""
+    """A free port whose cluster bus port (port + 10000) is free too, both below the
+    ephemeral range (32768+), where other processes' outgoing connections could take one."""
     for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 > 65535:
-            continue
-        with socket.socket() as bus:
-            try:
+        port = random.randrange(12000, 22000)
+        try:
+            with socket.socket() as s, socket.socket() as bus:
+                s.bind(("127.0.0.1", port))
                 bus.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
+        except OSError:
+            continue
         return port
     raise RuntimeError("no free pair of ports for a cluster node")
 
