@@ -100,7 +100,6 @@ def _measure(b: Bench, target, gens_go, gens_all, recv: list[Gen], tag: str) -> 
     reps = [g.expect("report", 30) for g in recv]
     got = sum(r["n"] for r in reps)
     cpu = b.cpu.delta(c0, c1)
-    masters = set(target.masters())
     return {
         "sent": sent,
         "sent_per_s": round(sent / max(d["elapsed"] for d in done), 1),
@@ -109,12 +108,17 @@ def _measure(b: Bench, target, gens_go, gens_all, recv: list[Gen], tag: str) -> 
         "latency_ms": percentiles([x for r in reps for x in r["lat"]]),
         "service_pct": cpu["service_pct"],
         "postgres_pct": cpu["postgres_pct"],
-        "redis_node_pct": {
-            f"{port}{'' if port in masters else ' (replica)'}": round(
-                100.0 * (r1[port] - r0[port]) / (t1 - t0), 1
-            )
-            for port in pids
-        },
+        "redis_node_pct": _node_pct(target, r0, r1, t1 - t0),
+    }
+
+
+def _node_pct(target, r0: dict, r1: dict, wall: float) -> dict[str, float]:
+    masters = set(target.masters())
+    return {
+        f"{port}{'' if port in masters else ' (replica)'}": round(
+            100.0 * (r1[port] - r0[port]) / wall, 1
+        )
+        for port in r0
     }
 
 
@@ -159,6 +163,14 @@ def _run_on(b: Bench, name: str, target, cluster: bool) -> dict:
                 raise RuntimeError(f"{name}: only {r['connected']}/{r['total']} connected")
         for g in pubs:
             g.expect("ready", 30)
+
+        # The Redis nodes' own idle cost (cluster bus gossip, cron, the services' heartbeats)
+        # with the sockets connected and no load, to subtract from the loaded figures.
+        pids = target.pids()
+        r0, t0 = _cpu(pids), time.time()
+        time.sleep(5.0)
+        r1, t1 = _cpu(pids), time.time()
+        out["idle_redis_node_pct"] = _node_pct(target, r0, r1, t1 - t0)
 
         def fan() -> list[dict]:
             for g in pubs:
@@ -227,9 +239,17 @@ def cluster(b: Bench, plan, ports: list[int]) -> dict:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = []
     for target in ("one_redis", "cluster"):
+        idle = result[target]["idle_redis_node_pct"]
+        masters = " ".join(f"{v}" for k, v in sorted(idle.items()) if "replica" not in k)
+        replicas = " ".join(f"{v}" for k, v in sorted(idle.items()) if "replica" in k)
+        blank = [None] * 7
+        rows.append([target, "idle", *blank, round(sum(idle.values()), 1), masters, replicas, None])
         for kind in ("fanout", "delivery"):
             r = result[target][kind]
             nodes = sorted(r["redis_node_pct"].items())
+            # Redis CPU (all nodes, idle subtracted) per gesture or event, in microseconds.
+            busy = sum(v for _, v in nodes) - sum(idle.values())
+            r["redis_us_per_item"] = round(10_000.0 * busy / r["sent_per_s"], 1)
             rows.append(
                 [
                     target,
@@ -244,6 +264,7 @@ def cluster(b: Bench, plan, ports: list[int]) -> dict:
                     sum(v for _, v in nodes),
                     " ".join(f"{v}" for k, v in nodes if "replica" not in k),
                     " ".join(f"{v}" for k, v in nodes if "replica" in k),
+                    r["redis_us_per_item"],
                 ]
             )
     print(
@@ -263,6 +284,7 @@ def cluster(b: Bench, plan, ports: list[int]) -> dict:
                 "redis cpu% sum",
                 "masters cpu%",
                 "replicas cpu%",
+                "redis µs/item",
             ],
             rows,
         )
