@@ -148,11 +148,7 @@ class LocalCluster:
 
     def node_of(self, key: str) -> int:
         """The port of the master that serves `key`'s slot."""
-        slot = key_slot(key.encode())
-        for start, end, master, *_ in self.client(self.ports[0]).execute_command("CLUSTER SLOTS"):
-            if start <= slot <= end:
-                return int(master[1])
-        raise LookupError(slot)
+        return self.node_of_slot(key_slot(key.encode()))
 
     def failover(self, master: int, timeout: float = 30.0) -> int:
         """Promote a replica of `master` with CLUSTER FAILOVER; the new master's port once
@@ -162,6 +158,30 @@ class LocalCluster:
         deadline = time.monotonic() + timeout
         self._wait(deadline, lambda: self.role(replica) == "master" and self.healthy())
         return replica
+
+    def move_slot(self, slot: int, to: int, timeout: float = 30.0) -> None:
+        """Give an empty `slot` to the master on port `to` (CLUSTER SETSLOT ... NODE), and
+        wait until every node sees it there."""
+        target = self.client(to).execute_command("CLUSTER MYID").decode()
+        owner = self.node_of_slot(slot)
+        # The new owner first, then the old one (which then drops its sharded subscribers
+        # of the slot), then the rest, as a resharding does.
+        order = [to, owner, *(p for p in self.masters() if p not in (to, owner))]
+        for port in order:
+            self.client(port).execute_command("CLUSTER SETSLOT", slot, "NODE", target)
+        deadline = time.monotonic() + timeout
+        self._wait(
+            deadline,
+            lambda: all(self.node_of_slot(slot, p) == to for p in self.ports) and self.healthy(),
+        )
+
+    def node_of_slot(self, slot: int, asked: int | None = None) -> int:
+        """The port of the master serving `slot`, as the node on port `asked` sees it."""
+        reply = self.client(asked or self.ports[0]).execute_command("CLUSTER SLOTS")
+        for start, end, master, *_ in reply:
+            if start <= slot <= end:
+                return int(master[1])
+        raise LookupError(slot)
 
     def pids(self) -> dict[int, int]:
         return {port: p.pid for port, p in self.popens.items()}

@@ -241,6 +241,34 @@ async def test_every_gesture_arrives_once_while_a_replica_is_promoted(
         await close_quietly(client)
 
 
+async def test_gestures_keep_arriving_after_their_channel_slot_moves_to_another_master(
+    on_cluster, settings, redis_cluster: LocalCluster, database_url: str, http
+):
+    p1, p2 = await on_cluster(2)
+    # A couple whose gesture channel's slot holds no key, so it can move without MIGRATE.
+    while True:
+        couple = Couple()
+        channel = gesture_channel(settings, couple)
+        slot = key_slot(channel.encode())
+        owner = redis_cluster.node_of(channel)
+        if redis_cluster.client(owner).execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0:
+            break
+    await adopt(database_url, couple)
+    b = await connect(p2.ws_url, couple, "partner_b")
+    first = await send_http(http, p1.url, couple)
+    received = await b.expect("gesture_received")
+    assert received["gesture"]["id"] == first["gesture"]["id"]
+    to = next(p for p in redis_cluster.masters() if p != owner)
+    await asyncio.to_thread(redis_cluster.move_slot, slot, to)
+    # The gateway follows the slot to its new master...
+    assert await eventually(lambda: _at_least(redis_cluster, channel, 1), timeout=15)
+    # ...and what is sent now arrives, once.
+    after = [(await send_http(http, p1.url, couple))["gesture"]["id"] for _ in range(3)]
+    ids = await gather_received(b, set(after), timeout=20)
+    assert sorted(ids) == sorted(after)
+    await close_quietly(b)
+
+
 # ---------------------------------------------------------------------------- watch
 
 
