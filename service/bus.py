@@ -49,7 +49,9 @@ from . import store
 log = logging.getLogger(__name__)
 
 # What a call to Redis or a Redis Cluster raises when the server is away, slow or moving.
-REDIS_ERRORS = (RedisError, RedisClusterException, OSError)
+# RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>", which
+# redis-py lets through when a cluster node dies under a connection it is writing to.
+REDIS_ERRORS = (RedisError, RedisClusterException, OSError, RuntimeError)
 
 Client = aioredis.Redis | aioredis.RedisCluster
 
@@ -615,6 +617,9 @@ class _Shard:
             await self._send(pubsub)
             # Replies come in order: the PONG means every SSUBSCRIBE before it was answered.
             await pubsub.ping()
+            # redis-py can swallow a cancel that lands while it connects or writes (seen when
+            # a node is killed): the epoch would then wait forever for this shard.
+            _stop_if_cancelled()
             async with asyncio.TaskGroup() as group:
                 reader = group.create_task(self._read(pubsub))
                 group.create_task(self._write(pubsub))
@@ -638,12 +643,14 @@ class _Shard:
 
     async def _write(self, pubsub: aioredis.client.PubSub) -> None:
         while True:
+            _stop_if_cancelled()
             await self._work.wait()
             self._work.clear()
             await self._send(pubsub)
 
     async def _read(self, pubsub: aioredis.client.PubSub) -> None:
         while True:
+            _stop_if_cancelled()
             message = await pubsub.get_message(timeout=None)
             if message is None:
                 continue
@@ -676,6 +683,7 @@ class _Shard:
                 reader.cancel()
                 raise ConnectionError(f"sharded pub/sub connection to {self.name} silent")
             await pubsub.ping()
+            _stop_if_cancelled()
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -30,7 +30,9 @@ from redis.exceptions import RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
 
-_ERRORS = (RedisError, RedisClusterException, OSError)
+# RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>", which
+# redis-py lets through when a cluster node dies under a connection it is writing to.
+_ERRORS = (RedisError, RedisClusterException, OSError, RuntimeError)
 
 # KEYS[1] the partner's set, KEYS[2] the presence channel.
 # ARGV: node, now, expires_at, ttl_ms, partner

@@ -183,6 +183,24 @@ class LocalCluster:
                 return int(master[1])
         raise LookupError(slot)
 
+    def kill(self, port: int, timeout: float = 30.0) -> int:
+        """kill -9 the node on `port` (a master); once its replica took over and the others
+        agree, the new master's port. The killed node stays down."""
+        replica = self.replicas_of(port)[0]
+        os.killpg(self.popens[port].pid, signal.SIGKILL)
+        self.popens[port].wait()
+        self.ports.remove(port)
+        self.size -= 1
+        deadline = time.monotonic() + timeout
+
+        def taken_over() -> bool:
+            if self.role(replica) != "master":
+                return False
+            return all(self.client(p).cluster("INFO")["cluster_state"] == "ok" for p in self.ports)
+
+        self._wait(deadline, taken_over)
+        return replica
+
     def pids(self) -> dict[int, int]:
         return {port: p.pid for port, p in self.popens.items()}
 

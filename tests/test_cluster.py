@@ -326,3 +326,39 @@ async def _line(
                 raise AssertionError(f"watch exited before printing {needle!r}")
             if needle in line:
                 return line
+
+
+# ---------------------------------------------------------------------------- last: a node dies
+
+
+async def test_every_gesture_arrives_once_when_a_master_is_killed(
+    on_cluster, settings, redis_cluster: LocalCluster, database_url: str, http
+):
+    """kill -9 of a master while gestures flow: its replica takes over after the cluster's
+    node timeout; what could not be published meanwhile waits in the outbox, what the
+    gateway missed it re-reads. (Runs last: the killed node stays down.)"""
+    p1, p2 = await on_cluster(2)
+    couples = await couples_on_every_shard(database_url, redis_cluster, settings)
+    recipients = {c.id: await connect(p2.ws_url, c, "partner_b") for c in couples}
+    victim = redis_cluster.node_of(gesture_channel(settings, couples[0]))
+    sent: dict[uuid.UUID, set[str]] = {c.id: set() for c in couples}
+
+    async def send_some(n: int) -> None:
+        for _ in range(n):
+            for couple in couples:
+                answer = await send_http(http, p1.url, couple)
+                sent[couple.id].add(answer["gesture"]["id"])
+
+    await send_some(2)
+    killing = threading.Thread(target=redis_cluster.kill, args=(victim,))
+    killing.start()
+    while killing.is_alive():
+        await send_some(1)
+    killing.join()
+    await send_some(2)
+    for couple in couples:
+        ids = await gather_received(recipients[couple.id], sent[couple.id], timeout=40)
+        assert sorted(ids) == sorted(set(ids)), "a gesture arrived twice"
+        assert set(ids) == sent[couple.id]
+    for client in recipients.values():
+        await close_quietly(client)
