@@ -18,9 +18,10 @@ names, so each event reaches only the shard that owns its channel's slot instead
 node. `ShardedSubscriber` holds one SSUBSCRIBE connection per shard master that owns a wanted
 channel, routed by slot (`redis.crc.key_slot`). A shard that fails over or gives a slot away
 unsubscribes its clients (Redis sends them `sunsubscribe`); an SSUBSCRIBE that reaches the
-wrong node is answered MOVED. Either way, and on any broken or silent shard connection, the
-subscriber reloads the slot map, subscribes everything again on the current masters and
-calls `on_resubscribed(since)`: the same re-read from PostgreSQL as after a Redis restart.
+wrong node is answered MOVED. Either way, and on any broken or silent shard connection (a
+node killed), the subscriber reloads the slot map, subscribes that connection's channels
+again on the masters that own them now and calls `on_resubscribed(since)`: the same re-read
+from PostgreSQL as after a Redis restart. The other shards' connections are not touched.
 The outbox covers the publishing side: an SPUBLISH that fails during a failover is retried
 by the relay until the new master takes it.
 
@@ -402,10 +403,11 @@ class SlotMoved(ConnectionError):
 class ShardedSubscriber:
     """Cluster mode: one SSUBSCRIBE connection per shard master that owns a wanted channel.
 
-    Same interface and promises as `Subscriber`. The connections live in epochs: whatever
-    breaks one shard's connection (a failover, a MOVED, a silent link) ends the epoch; the
-    next one reloads the slot map, subscribes every channel again on the current masters and,
-    once each shard confirmed, calls `on_resubscribed(since)`.
+    Same interface and promises as `Subscriber`. Each shard's connection is supervised on its
+    own: whatever breaks it (a failover, a MOVED, a silent link, a dead node) ends that
+    connection only; its channels go, once the slot map is reloaded, to whichever masters own
+    them now, and once they are subscribed again `on_resubscribed(since)` is called. The other
+    shards' subscriptions go on undisturbed.
     """
 
     def __init__(
@@ -427,6 +429,7 @@ class ShardedSubscriber:
         self._group: asyncio.TaskGroup | None = None
         self._broken = asyncio.Event()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._resync_since: float | None = None
         self._last_seen = time.time()
         self.connected = asyncio.Event()
 
@@ -468,8 +471,10 @@ class ShardedSubscriber:
     async def aclose(self) -> None:
         """Nothing of its own to close: the shard connections end with `run`."""
 
-    def _route(self, channels: Iterable[str]) -> None:
-        """Hand each channel to the session of the master that owns its slot."""
+    def _route(
+        self, channels: Iterable[str], since: float | None = None, backoff: float = 0.1
+    ) -> None:
+        """Hand each channel to the connection of the master that owns its slot."""
         assert self._group is not None
         by_node: dict[str, list[str]] = defaultdict(list)
         try:
@@ -477,7 +482,7 @@ class ShardedSubscriber:
                 node = self._cluster.nodes_manager.get_node_from_slot(key_slot(channel.encode()))
                 by_node[node.name].append(channel)
         except REDIS_ERRORS as exc:
-            # A slot nobody serves right now (mid-failover): a new epoch reloads the map.
+            # A slot nobody serves right now (mid-failover): start over with a fresh map.
             log.warning("a channel's slot has no master", extra={"error": repr(exc)})
             self._broken.set()
             return
@@ -485,11 +490,11 @@ class ShardedSubscriber:
             shard = self._shards.get(name)
             if shard is None:
                 host, port = name.rsplit(":", 1)
-                shard = _Shard(self, host, int(port))
+                shard = _Shard(self, host, int(port), since=since)
                 try:
-                    self._group.create_task(shard.run(), name=f"shard {name}")
+                    self._group.create_task(self._supervise(shard, backoff), name=f"shard {name}")
                 except RuntimeError:
-                    return  # the epoch is ending; the next one routes every channel
+                    return  # shutting down or starting over: every channel is routed again
                 self._shards[name] = shard
             for channel in wanted:
                 previous = self._owner.get(channel)
@@ -497,6 +502,77 @@ class ShardedSubscriber:
                     previous.drop(channel)
                 self._owner[channel] = shard
             shard.add(wanted)
+
+    async def _supervise(self, shard: "_Shard", backoff: float) -> None:
+        """Run one shard's connection; when it breaks, give its channels to the masters that
+        own them now, and resync once they are subscribed there."""
+        started = time.monotonic()
+        try:
+            await shard.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "sharded pub/sub connection lost",
+                extra={"shard": shard.name, "error": "; ".join(repr(e) for e in _leaves(exc))},
+            )
+        if self._shards.get(shard.name) is shard:
+            del self._shards[shard.name]
+        orphans = [channel for channel, owner in self._owner.items() if owner is shard]
+        for channel in orphans:
+            del self._owner[channel]
+        since = shard.resync_from()
+        if time.monotonic() - started > 30:
+            backoff = 0.1  # that connection was healthy: the next break starts afresh
+        await asyncio.sleep(backoff * (0.5 + random.random()))
+        try:
+            # After a failover the replica that took over is the master to subscribe on.
+            await self._cluster.nodes_manager.initialize()
+        except REDIS_ERRORS as exc:
+            log.warning("could not reload the cluster's slot map", extra={"error": repr(exc)})
+        channels = [channel for channel in orphans if channel in self._channels]
+        if not channels:
+            return
+        loop = asyncio.get_running_loop()
+        futures = []
+        for channel in channels:
+            future = loop.create_future()
+            self._waiting.setdefault(channel, []).append(future)
+            futures.append(future)
+        self._route(channels, since=since, backoff=min(backoff * 2, 5.0))
+        try:
+            async with asyncio.timeout(15.0):
+                await asyncio.gather(*futures)
+        except TimeoutError:
+            # The new connection broke too; its own supervisor takes over, and resyncs.
+            for channel, future in zip(channels, futures, strict=True):
+                waiting = self._waiting.get(channel, [])
+                if future in waiting:
+                    waiting.remove(future)
+                if not waiting:
+                    self._waiting.pop(channel, None)
+            return
+        log.info(
+            "sharded pub/sub resubscribed", extra={"shard": shard.name, "channels": len(channels)}
+        )
+        self._resync(since)
+
+    def _resync(self, since: float) -> None:
+        """Resync from `since`; requests that arrive together (several supervisors whose
+        channels came back at once) make one resync from the earliest."""
+        if self._resync_since is not None:
+            self._resync_since = min(self._resync_since, since)
+            return
+        self._resync_since = since
+        task = asyncio.get_running_loop().create_task(self._run_resync())
+        self._tasks.add(task)  # the loop holds tasks weakly
+        task.add_done_callback(self._resync_done)
+
+    async def _run_resync(self) -> None:
+        await asyncio.sleep(0)
+        since, self._resync_since = self._resync_since, None
+        assert since is not None
+        await self._on_resubscribed(since)
 
     def _confirmed(self, channel: str) -> None:
         for future in self._waiting.pop(channel, ()):
@@ -542,7 +618,7 @@ class ShardedSubscriber:
         try:
             async with asyncio.TaskGroup() as group:
                 self._group = group
-                self._route(list(self._channels))
+                self._route(list(self._channels), since=resync_since)
                 first = list(self._shards.values())
                 group.create_task(self._until_broken())
                 group.create_task(self._ready(first, resync_since))
@@ -556,18 +632,16 @@ class ShardedSubscriber:
         raise SlotMoved("a channel's slot has no master in the slot map")
 
     async def _ready(self, shards: "list[_Shard]", resync_since: float | None) -> None:
-        """Once the epoch's first shards all confirmed: connected, and resync if this epoch
-        follows a broken one."""
-        await asyncio.gather(*(shard.confirmed.wait() for shard in shards))
+        """Once the first shards each confirmed (or broke, and their supervisors took over):
+        connected, and resync if this follows a broken start."""
+        await asyncio.gather(*(shard.settled() for shard in shards))
         self.connected.set()
         if resync_since is not None:
             log.info(
                 "sharded pub/sub reconnected",
                 extra={"channels": len(self._channels), "shards": len(shards)},
             )
-            task = asyncio.get_running_loop().create_task(self._on_resubscribed(resync_since))
-            self._tasks.add(task)  # the loop holds tasks weakly
-            task.add_done_callback(self._resync_done)
+            self._resync(resync_since)
 
     def _resync_done(self, task: asyncio.Task[None]) -> None:
         self._tasks.discard(task)
@@ -578,9 +652,16 @@ class ShardedSubscriber:
 class _Shard:
     """One plain connection to one shard master, holding the SSUBSCRIBEs routed to it."""
 
-    def __init__(self, owner: ShardedSubscriber, host: str, port: int) -> None:
+    def __init__(
+        self, owner: ShardedSubscriber, host: str, port: int, since: float | None = None
+    ) -> None:
         self._owner = owner
         self.name = f"{host}:{port}"
+        # When messages may first have been missed: inherited from the connection this one
+        # replaces until it is subscribed, then the time of the last reply read.
+        self._since = since
+        self._seen_at = time.time()
+        self.ended = asyncio.Event()
         # No retries: a connection that redis-py quietly re-established would hide the gap
         # in which messages were lost; a broken link must end the epoch and resync.
         self._redis = aioredis.Redis(
@@ -597,6 +678,19 @@ class _Shard:
         self._work = asyncio.Event()
         self._last_seen = time.monotonic()
         self.confirmed = asyncio.Event()
+
+    async def settled(self) -> None:
+        """Until subscribed, or broken."""
+        confirmed = asyncio.ensure_future(self.confirmed.wait())
+        ended = asyncio.ensure_future(self.ended.wait())
+        try:
+            await asyncio.wait([confirmed, ended], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            confirmed.cancel()
+            ended.cancel()
+
+    def resync_from(self) -> float:
+        return self._seen_at if self._since is None else min(self._since, self._seen_at)
 
     def add(self, channels: Iterable[str]) -> None:
         for channel in channels:
@@ -625,6 +719,7 @@ class _Shard:
                 group.create_task(self._write(pubsub))
                 group.create_task(self._watch(pubsub, reader))
         finally:
+            self.ended.set()
             try:
                 await pubsub.aclose()
             finally:
@@ -656,6 +751,7 @@ class _Shard:
                 continue
             self._owner._seen()
             self._last_seen = time.monotonic()
+            self._seen_at = time.time()
             kind = message["type"]
             if kind == "smessage":
                 self._owner._on_message(message["channel"].decode(), message["data"])
@@ -672,6 +768,7 @@ class _Shard:
                     raise SlotMoved(f"{self.name} unsubscribed {channel}")
             elif kind == "pong":
                 self.confirmed.set()
+                self._since = None
 
     async def _watch(self, pubsub: aioredis.client.PubSub, reader: asyncio.Task[None]) -> None:
         """PING on the subscribed connection; no reply of any kind for 3 beats: dead link."""
