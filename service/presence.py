@@ -14,9 +14,8 @@ entries when its sweep finds them. The last local connection's entry is removed 
 
 The braces are literal: a hash tag, so that on a Redis Cluster a relationship's presence
 keys, its presence channel and its rate-limit keys share one slot and each script touches
-one shard. In cluster mode (`sharded=True`) the scripts announce with SPUBLISH, and what a
-pipeline would batch goes as concurrent calls (redis-py refuses EVALSHA in a cluster
-pipeline); each still reaches the one shard its relationship lives on.
+one shard. In cluster mode (`sharded=True`) the scripts announce with SPUBLISH; pipelines
+split per shard, each script going to the shard its relationship lives on.
 """
 
 import asyncio
@@ -26,7 +25,7 @@ import uuid
 from collections import Counter
 
 import redis.asyncio as aioredis
-from redis.exceptions import RedisClusterException, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +90,6 @@ class Presence:
         self._local: Counter[tuple[uuid.UUID, str]] = Counter()
         self._leaving: dict[tuple[uuid.UUID, str], asyncio.TimerHandle] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self._sharded = sharded
         publish = "'SPUBLISH'" if sharded else "'PUBLISH'"
         self._join = redis.register_script(_JOIN.replace("'PUBLISH'", publish))
         self._leave = redis.register_script(_LEAVE.replace("'PUBLISH'", publish))
@@ -194,26 +192,31 @@ class Presence:
             await self._leave_all(chunk, "", now)
 
     async def _leave_all(self, entries, node: str, now: float) -> None:
-        """The leave script for each of `entries`, in one pipeline (one shard) or as
-        concurrent calls (a cluster)."""
-        if self._sharded:
-            await asyncio.gather(
-                *(
-                    self._leave(
-                        keys=[self.key(*entry), self.channel(entry[0])], args=[node, now, entry[1]]
+        """The leave script for each of `entries`, in one pipeline."""
+        for attempt in (1, 2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for entry in entries:
+                    # EVALSHA by hand and as a plain command: a Script object on a pipeline
+                    # asks SCRIPT EXISTS first, and on a cluster redis-py refuses
+                    # `pipe.evalsha` yet routes this by its first key (the hash tag keeps
+                    # both keys in one slot).
+                    pipe.execute_command(
+                        "EVALSHA",
+                        self._leave.sha,
+                        2,
+                        self.key(*entry),
+                        self.channel(entry[0]),
+                        node,
+                        now,
+                        entry[1],
                     )
-                    for entry in entries
-                )
-            )
-            return
-        async with self._redis.pipeline(transaction=False) as pipe:
-            for entry in entries:
-                await self._leave(
-                    keys=[self.key(*entry), self.channel(entry[0])],
-                    args=[node, now, entry[1]],
-                    client=pipe,
-                )
-            await pipe.execute()
+                try:
+                    await pipe.execute()
+                    return
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await self._redis.script_load(self._leave.script)  # Redis restarted
 
     async def close(self) -> None:
         """Drop every entry of this process now (shutdown), announcing what goes offline:
