@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     presence_grace: float = 3.0
     # WebSocket gateway
     ws_queue_size: int = 256
+    # Pending gestures sent on connect, oldest first; the rest stay readable over HTTP.
+    ws_greeting_limit: int = 100
     ws_idle_timeout: float = 75.0
     ws_max_frame: int = 16 * 1024
     shutdown_timeout: float = 10.0
@@ -76,6 +78,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "PRESENCE_TTL": ("presence_ttl", float),
     "PRESENCE_GRACE": ("presence_grace", float),
     "WS_QUEUE_SIZE": ("ws_queue_size", int),
+    "WS_GREETING_LIMIT": ("ws_greeting_limit", int),
     "WS_IDLE_TIMEOUT": ("ws_idle_timeout", float),
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
     "RELAY_INTERVAL": ("relay_interval", float),

@@ -267,11 +267,14 @@ class Gateway:
             log.info("socket closed", extra={"conn_id": conn.id, "code": code})
 
     async def _greet(self, conn: Connection) -> None:
-        """The other partner's presence, then every pending gesture, oldest first."""
+        """The other partner's presence, then the oldest `ws_greeting_limit` pending
+        gestures, oldest first; the rest stay pending, readable over HTTP."""
         other = other_role(conn.role)
         online, pending = await asyncio.gather(
             self._presence.is_online(conn.relationship_id, other),
-            self._gestures.pending_for(conn.relationship_id, conn.role),
+            self._gestures.pending_for(
+                conn.relationship_id, conn.role, self._settings.ws_greeting_limit
+            ),
         )
         conn.other_online = online
         first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]

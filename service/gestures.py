@@ -391,9 +391,12 @@ class Gestures:
         gestures = await self.pending_for(relationship_id, role)
         return GestureList(gestures=gestures, count=len(gestures))
 
-    async def pending_for(self, relationship_id: uuid.UUID, role: str) -> list[Gesture]:
+    async def pending_for(
+        self, relationship_id: uuid.UUID, role: str, limit: int | None = None
+    ) -> list[Gesture]:
+        """What waits for `role`, oldest first: all of it, or the first `limit`."""
         async with store.connection(self._pool, self._timeout) as conn:
-            return await store.pending(conn, relationship_id, role)
+            return await store.pending(conn, relationship_id, role, limit)
 
     async def recent(
         self, caller: Caller, relationship_id: uuid.UUID, limit: int, before: str | None

@@ -192,6 +192,7 @@ def settings_env(s: Settings) -> dict[str, str]:
         PRESENCE_TTL=str(s.presence_ttl),
         DB_TIMEOUT=str(s.db_timeout),
         WS_QUEUE_SIZE=str(s.ws_queue_size),
+        WS_GREETING_LIMIT=str(s.ws_greeting_limit),
         WS_IDLE_TIMEOUT=str(s.ws_idle_timeout),
         RATE_LIMIT_PER_MINUTE=str(s.rate_limit_per_minute),
         SHUTDOWN_TIMEOUT=str(s.shutdown_timeout),
