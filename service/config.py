@@ -18,6 +18,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str
     jwt_secret: str
+    # REDIS_URL names any node of a Redis Cluster: sharded pub/sub, hash-tagged keys.
+    redis_cluster: bool = False
     port: int = 8000
     # Pools
     db_pool_min: int = 2
@@ -52,7 +54,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     relay_min_age: float = 2.0
 
 
-def _boolean(raw: str) -> bool:
+def boolean(raw: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no, on/off); ValueError otherwise."""
     match raw.strip().lower():
         case "true" | "1" | "yes" | "on":
             return True
@@ -66,6 +69,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "DATABASE_URL": ("database_url", str),
     "REDIS_URL": ("redis_url", str),
     "JWT_SECRET": ("jwt_secret", str),
+    "REDIS_CLUSTER": ("redis_cluster", boolean),
     "PORT": ("port", int),
     "DB_POOL_MIN": ("db_pool_min", int),
     "DB_POOL_MAX": ("db_pool_max", int),
@@ -78,7 +82,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "PRESENCE_PREFIX": ("presence_prefix", str),
     "PRESENCE_TTL": ("presence_ttl", float),
     "PRESENCE_GRACE": ("presence_grace", float),
-    "WS_PER_MESSAGE_DEFLATE": ("ws_per_message_deflate", _boolean),
+    "WS_PER_MESSAGE_DEFLATE": ("ws_per_message_deflate", boolean),
     "WS_PING_INTERVAL": ("ws_ping_interval", float),
     "WS_PING_TIMEOUT": ("ws_ping_timeout", float),
     "WS_QUEUE_SIZE": ("ws_queue_size", int),
@@ -108,7 +112,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = parser(raw)
         except ValueError:
-            kind = {int: "an integer", float: "a number", _boolean: "true or false"}[parser]
+            kind = {int: "an integer", float: "a number"}.get(parser, "true or false")
             raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
         if parser in (int, float) and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
             raise ConfigError(f"{name} must be positive, got {raw!r}")

@@ -27,11 +27,11 @@ import uuid
 from datetime import datetime
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
 from . import errors, store
 from .auth import Caller, role_of
-from .bus import Publisher, channel_for, control_channel
+from .bus import REDIS_ERRORS, Publisher, channel_for, control_channel
 from .config import Settings
 from .presence import Presence
 from .schemas import (
@@ -245,24 +245,13 @@ class Gestures:
         """Count one send against the sender's limit (RateLimited past it); and whether
         `recipient` is online, in the same round trip. Redis away: admitted, offline."""
         limit = self._settings.rate_limit_per_minute
-        key = f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"
+        # Hash-tagged by relationship: on a cluster the key lives in the relationship's slot,
+        # beside its presence keys, so this pipeline goes to one shard.
+        key = f"{self._settings.channel_prefix}rate:{{{relationship_id}}}:{role}"
         args = (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex)
         try:
-            for attempt in (1, 2):
-                # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
-                # before every execute, a round trip per send.
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(self._rate_limit.sha, 1, key, *args)
-                    if recipient is not None:
-                        self._presence.count_online(pipe, relationship_id, recipient)
-                    try:
-                        results = await pipe.execute()
-                        break
-                    except NoScriptError:
-                        if attempt == 2:
-                            raise
-                        await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
-        except (RedisError, OSError) as exc:
+            results = await self._admit_pipelined(key, args, relationship_id, recipient)
+        except REDIS_ERRORS as exc:
             log.warning("rate limit unavailable, admitting", extra={"error": repr(exc)})
             return False
         wait_ms = int(results[0])
@@ -271,6 +260,24 @@ class Gestures:
                 f"at most {limit} gestures a minute", retry_after=math.ceil(wait_ms / 1000)
             )
         return recipient is not None and int(results[1]) > 0
+
+    async def _admit_pipelined(self, key, args, relationship_id, recipient) -> list:
+        for attempt in (1, 2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
+                # before every execute, a round trip per send. And as a plain command: on a
+                # cluster redis-py refuses `pipe.evalsha`, yet routes this by its key; the
+                # hash tag puts it and the presence count on the relationship's shard.
+                pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, key, *args)
+                if recipient is not None:
+                    self._presence.count_online(pipe, relationship_id, recipient)
+                try:
+                    return await pipe.execute()
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
+        raise AssertionError("unreachable")
 
     async def _replay(
         self, new: store.NewGesture, key: str | None, fingerprint: bytes

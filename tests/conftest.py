@@ -27,6 +27,8 @@ from service import auth, cli, store
 from service.app import create_app
 from service.config import Settings, uvicorn_options
 
+from .support_cluster import LocalCluster, missing_binaries
+
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +74,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     from service import embedded
 
     return embedded.start_redis(tmp_path_factory.mktemp("embedded-redis"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local Redis Cluster of three masters and three replicas, for the session."""
+    if (reason := missing_binaries()) is not None:
+        pytest.skip(f"no local Redis Cluster: {reason}")
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -166,6 +181,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     env.update(
         DATABASE_URL=s.database_url,
         REDIS_URL=s.redis_url,
+        REDIS_CLUSTER="true" if s.redis_cluster else "false",
         JWT_SECRET=s.jwt_secret,
         CHANNEL_PREFIX=s.channel_prefix,
         PRESENCE_PREFIX=s.presence_prefix,
