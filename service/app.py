@@ -14,6 +14,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
@@ -26,6 +27,7 @@ from .gateway import Gateway
 from .gestures import Gestures
 from .hub import Hub
 from .presence import Presence
+from .suggestions import Suggester
 
 log = logging.getLogger(__name__)
 
@@ -101,7 +103,32 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         grace=settings.presence_grace,
         publish_command="SPUBLISH" if settings.redis_cluster else "PUBLISH",
     )
-    gestures = Gestures(settings, pool, redis, publisher, presence, settings.relationship_cache_ttl)
+    # Only when a provider is configured: otherwise suggestions never touch the network.
+    provider_http = (
+        httpx.AsyncClient(
+            timeout=settings.suggestion_provider_timeout,
+            limits=httpx.Limits(max_connections=20),
+            follow_redirects=False,
+        )
+        if settings.suggestion_provider_url
+        else None
+    )
+    suggester = Suggester(
+        provider_http,
+        url=settings.suggestion_provider_url,
+        model=settings.suggestion_provider_model,
+        key=settings.suggestion_provider_key,
+        timeout=settings.suggestion_provider_timeout,
+    )
+    gestures = Gestures(
+        settings,
+        pool,
+        redis,
+        publisher,
+        presence,
+        settings.relationship_cache_ttl,
+        suggester,
+    )
     verifier = Verifier(settings.jwt_secret)
     gateway = Gateway(
         settings,
@@ -158,6 +185,8 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
     finally:
         await _shutdown(settings, gateway, presence, gestures, publisher, running)
         await gateway.subscriber.aclose()
+        if provider_http is not None:
+            await provider_http.aclose()
         await bus.close_client(redis)
 
 

@@ -216,6 +216,7 @@ class Publisher:
                     last_cleanup = time.monotonic()
                     async with store.connection(self._pool) as conn:
                         await store.forget_idempotency_keys(conn, self._idempotency_hours)
+                        await store.forget_suggestions(conn)
             except Exception as exc:
                 log.warning("outbox relay pass failed", extra={"error": repr(exc)})
 

@@ -52,6 +52,24 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Outbox relay: how often, and how old a row must be before the relay takes it.
     relay_interval: float = 1.0
     relay_min_age: float = 2.0
+    # Suggested notes: a per-sender limit, and the optional OpenAI-compatible provider
+    # (unset URL: the built-in composer answers, with no network at all).
+    suggestion_rate_limit_per_minute: int = 20
+    suggestion_provider_url: str = ""
+    suggestion_provider_model: str = ""
+    suggestion_provider_key: str = ""
+    suggestion_provider_timeout: float = 3.0
+
+    def __repr__(self) -> str:
+        # Settings may end up in a log line or a traceback: never with a secret in them.
+        shown = {
+            f: ("<hidden>" if f in _SECRET_FIELDS and getattr(self, f) else getattr(self, f))
+            for f in self.__struct_fields__
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+_SECRET_FIELDS = {"jwt_secret", "suggestion_provider_key"}
 
 
 def boolean(raw: str) -> bool:
@@ -90,6 +108,11 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
     "RELAY_INTERVAL": ("relay_interval", float),
     "RELAY_MIN_AGE": ("relay_min_age", float),
+    "SUGGESTION_RATE_LIMIT_PER_MINUTE": ("suggestion_rate_limit_per_minute", int),
+    "SUGGESTION_PROVIDER_URL": ("suggestion_provider_url", str),
+    "SUGGESTION_PROVIDER_MODEL": ("suggestion_provider_model", str),
+    "SUGGESTION_PROVIDER_KEY": ("suggestion_provider_key", str),
+    "SUGGESTION_PROVIDER_TIMEOUT": ("suggestion_provider_timeout", float),
 }
 _ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL", "WS_PING_INTERVAL"}
 _REQUIRED = {
@@ -117,6 +140,15 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         if parser in (int, float) and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
             raise ConfigError(f"{name} must be positive, got {raw!r}")
         values[field] = value
+    url = str(values.get("suggestion_provider_url", ""))
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"SUGGESTION_PROVIDER_URL must be an http(s) URL, got {url!r}")
+        if not values.get("suggestion_provider_model"):
+            raise ConfigError(
+                "SUGGESTION_PROVIDER_MODEL is not set: the model to ask when "
+                "SUGGESTION_PROVIDER_URL is set, e.g. gpt-4o-mini"
+            )
     return Settings(**values)
 
 

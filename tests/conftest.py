@@ -355,6 +355,17 @@ def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
+# The role each test user's token plays, so helpers can name it as the seed's clients do
+# (`sender_id`, `acknowledged_by`, `partner_id` are required).
+ROLE_OF_TOKEN: dict[str, str] = {}
+
+
+def role_for(headers: dict[str, str] | None, default: str = "partner_a") -> str:
+    """The role of the user whose `Authorization` header this is (`default` if unknown)."""
+    auth = (headers or {}).get("Authorization", "")
+    return ROLE_OF_TOKEN.get(auth.removeprefix("Bearer "), default)
+
+
 class Couple:
     """A relationship of two fresh users, with their tokens."""
 
@@ -366,6 +377,8 @@ class Couple:
         self.b_token = token(self.b)
         self.a_headers = bearer(self.a_token)
         self.b_headers = bearer(self.b_token)
+        ROLE_OF_TOKEN[self.a_token] = "partner_a"
+        ROLE_OF_TOKEN[self.b_token] = "partner_b"
 
     def token_of(self, role: str) -> str:
         return self.a_token if role == "partner_a" else self.b_token

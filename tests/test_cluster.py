@@ -164,7 +164,11 @@ async def test_one_idempotency_key_sent_to_two_processes_at_once_makes_one_gestu
             *(
                 http.post(
                     f"{p.url}/api/gestures/send",
-                    json={"relationship_id": str(couple.id), "gesture_type": "hug"},
+                    json={
+                        "relationship_id": str(couple.id),
+                        "gesture_type": "hug",
+                        "sender_id": "partner_a",
+                    },
                     headers={**couple.a_headers, "Idempotency-Key": key},
                 )
                 for p in (p1, p2, p1, p2)
@@ -186,7 +190,11 @@ async def test_rate_limit_holds_across_processes_with_a_hash_tagged_key(
     for p in (p1, p2):
         r = await http.post(
             f"{p.url}/api/gestures/send",
-            json={"relationship_id": str(couple.id), "gesture_type": "hug"},
+            json={
+                "relationship_id": str(couple.id),
+                "gesture_type": "hug",
+                "sender_id": "partner_a",
+            },
             headers=couple.a_headers,
         )
         assert r.status_code == 429
