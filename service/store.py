@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import msgspec
 
 from . import errors
 from .schemas import Gesture, Relationship
@@ -35,7 +36,8 @@ Pool = asyncpg.Pool
 
 GESTURE_COLUMNS = """id, relationship_id, gesture_type, sent_by, message,
     coalesce(ai_generated, false) AS ai_generated, sent_at, delivered_at,
-    acknowledged_at, acknowledged_by, response_gesture_id"""
+    acknowledged_at, acknowledged_by, response_gesture_id,
+    nullif(ai_context_used, '{}'::jsonb)::text AS ai_context_used"""
 
 # Failures that mean "PostgreSQL is not there", as opposed to a bug or a constraint.
 _UNAVAILABLE = (
@@ -63,7 +65,16 @@ def _gesture(r: asyncpg.Record) -> Gesture:
         acknowledged_at=r["acknowledged_at"],
         acknowledged_by=r["acknowledged_by"],
         response_gesture_id=r["response_gesture_id"],
+        ai_context_used=_context(r["ai_context_used"]),
     )
+
+
+def _context(text: str | None) -> dict | None:
+    """The `ai_context_used` column as the gesture shows it: an object, or None."""
+    if text is None:
+        return None
+    value = msgspec.json.decode(text)
+    return value if isinstance(value, dict) and value else None
 
 
 # ---------------------------------------------------------------------------- pool
@@ -305,6 +316,7 @@ class NewGesture:
             acknowledged_at=None,
             acknowledged_by=None,
             response_gesture_id=None,
+            ai_context_used=_context(self.ai_context_used),
         )
 
 
