@@ -25,9 +25,9 @@ import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
-from starlette.routing import Route
+from starlette.routing import Mount, Route
 
-from . import errors
+from . import errors, metrics
 from .auth import Caller, bearer
 from .gestures import Gestures
 from .schemas import (
@@ -295,9 +295,12 @@ def _wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def routes() -> list[Route]:
-    table = [Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS]
+def routes() -> list[Route | Mount]:
+    table: list[Route | Mount] = [
+        Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS
+    ]
     table.append(Route("/openapi.json", openapi_endpoint, methods=["GET"]))
+    table.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
     return table
 
 
@@ -395,3 +398,10 @@ def openapi() -> dict:
 
 async def openapi_endpoint(request: Request) -> Response:
     return Response(request.state.openapi, media_type="application/json")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """This process's metrics in Prometheus text format (see `metrics`)."""
+    await request.state.sample_metrics()
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"Content-Type": content_type})

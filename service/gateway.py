@@ -27,12 +27,13 @@ Frames that carry a `request_id` get it back on every reply to them.
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 
 from starlette.websockets import WebSocket, WebSocketState
 
-from . import errors
+from . import errors, metrics
 from .auth import Verifier, bearer
 from .bus import Subscriber
 from .config import Settings
@@ -94,6 +95,8 @@ class Gateway:
         self._presence = presence
         self.hub = hub
         self._subscriptions: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        # Commit times of gestures pushed live and not yet written, for DELIVERY_SECONDS.
+        self._committed: dict[uuid.UUID, float] = {}
         self.subscriber: Subscriber = subscriber_factory(self.on_message, self.resync)
         self.closing = False
 
@@ -150,13 +153,24 @@ class Gateway:
 
     def _push_received(self, gesture: Gesture) -> None:
         frame, delivered, dedupe = self._received(gesture)
-        self.hub.push(
+        pushed = self.hub.push(
             gesture.relationship_id,
             other_role(gesture.sent_by),
             frame,
             delivered=delivered,
             dedupe=dedupe,
         )
+        if pushed and delivered is not None:
+            if len(self._committed) > 10_000:  # written never (sockets gone): forget
+                self._committed.clear()
+            self._committed[delivered] = gesture.sent_at.timestamp()
+
+    def _delivered(self, gesture_id: uuid.UUID) -> None:
+        """A gesture_received frame handed `gesture_id` over: time it, mark it delivered."""
+        committed = self._committed.pop(gesture_id, None)
+        if committed is not None:
+            metrics.DELIVERY_SECONDS.observe(time.time() - committed)
+        self._gestures.delivered(gesture_id)
 
     def _push_presence(self, relationship_id: uuid.UUID, partner: str, online: bool) -> None:
         frame = encoder.encode(PresenceFrame(partner=partner, online=online))
@@ -234,7 +248,7 @@ class Gateway:
             role,
             send=lambda frame: ws.send_text(frame.decode()),
             close=lambda code, reason: _close(ws, code, reason),
-            on_delivered=self._gestures.delivered,
+            on_delivered=self._delivered,
             limit=self._settings.ws_queue_size,
         )
         log.info(
@@ -243,6 +257,7 @@ class Gateway:
         )
         code = 1000
         present = False  # undo only what was done
+        metrics.CONNECTIONS.inc()
         try:
             await self._join(conn)
             present = True  # connected() counts us before its first await
@@ -260,6 +275,7 @@ class Gateway:
             await _close(ws, INTERNAL, "internal error")
         finally:
             conn.closed = True
+            metrics.CONNECTIONS.dec()
             if not self.closing:  # at shutdown, presence and Redis are dropped wholesale
                 if present:
                     self._presence.disconnected(relationship_id, role)
@@ -308,8 +324,10 @@ class Gateway:
         try:
             frame = frame_decoder.decode(data)
         except DECODE_ERRORS as exc:
+            metrics.FRAMES_IN_BY_TYPE["invalid"].inc()
             conn.push(_error(errors.Invalid(describe(exc, "frame")), _request_id(data)))
             return
+        metrics.FRAMES_IN_BY_TYPE[type(frame).__struct_config__.tag].inc()
         request_id = frame.request_id
         try:
             match frame:

@@ -15,6 +15,7 @@ decides who may do what.
 import asyncio
 import base64
 import binascii
+import functools
 import logging
 import math
 import time
@@ -24,7 +25,7 @@ from datetime import datetime
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisError
 
-from . import errors, store
+from . import errors, metrics, store
 from .auth import Caller, role_of
 from .bus import Publisher, channel_for
 from .config import Settings
@@ -80,6 +81,22 @@ class _Sent:
         self.gesture = gesture
         self.fresh = fresh
         self.outbox = outbox
+
+
+def _counted(send):
+    """Count every send by its outcome (metrics.SENDS), whichever edge it came through."""
+
+    @functools.wraps(send)
+    async def counted(*args, **kwargs):
+        try:
+            result = await send(*args, **kwargs)
+        except errors.ServiceError as exc:
+            metrics.SEND_OUTCOME.get(exc.code, metrics.SEND_OUTCOME["invalid"]).inc()
+            raise
+        metrics.SEND_OUTCOME["ok" if result[1] else "replay"].inc()
+        return result
+
+    return counted
 
 
 class Gestures:
@@ -151,6 +168,7 @@ class Gestures:
 
     # ------------------------------------------------------------------ sending
 
+    @_counted
     async def send(
         self,
         caller: Caller,
