@@ -289,7 +289,12 @@ class Gateway:
             self._presence.is_online(conn.relationship_id, other),
             self._gestures.pending_for(conn.relationship_id, conn.role),
         )
-        conn.other_online = online
+        if conn.other_online is None:
+            conn.other_online = online
+        else:
+            # A change arrived on the channel (subscribed before the read) meanwhile: it is
+            # at least as new as the read, and taking the read would hide the next change.
+            online = conn.other_online
         first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]
         for gesture in pending:
             frame, delivered, dedupe = self._received(gesture)
