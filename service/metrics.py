@@ -16,8 +16,13 @@ from prometheus_client import (
     Counter,
     Gauge,
     Histogram,
+    disable_created_metrics,
     generate_latest,
 )
+
+# No `*_created` series beside every counter and histogram: they double a scrape and
+# Prometheus's text format has no use for them.
+disable_created_metrics()
 
 # The frame types of CONTRACT section 5; anything else is counted as "other" (frames in
 # that do not decode as "invalid").
