@@ -154,9 +154,10 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
 
     async def sample_metrics() -> None:
         """Gauges read at scrape time rather than kept up to date on every change."""
-        in_use, size = store.pool_usage(pool)  # before the scrape borrows one below
+        in_use, size, most = store.pool_usage(pool)  # before the scrape borrows one below
         metrics.DB_POOL_IN_USE.set(in_use)
         metrics.DB_POOL_SIZE.set(size)
+        metrics.DB_POOL_MAX.set(most)
         try:
             async with asyncio.timeout(1.0), store.connection(pool, 1.0) as conn:
                 waiting, oldest = await store.outbox_backlog(conn)

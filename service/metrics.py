@@ -89,6 +89,10 @@ DB_POOL_SIZE = Gauge(
     "gesture_db_pool_size",
     "PostgreSQL connections this process's pool holds open (sampled at scrape)",
 )
+DB_POOL_MAX = Gauge(
+    "gesture_db_pool_max",
+    "The most PostgreSQL connections this process's pool may open (DB_POOL_MAX)",
+)
 SUGGESTION_FALLBACKS = Counter(
     "gesture_suggestion_fallbacks_total",
     "Suggested notes answered by the built-in composer because the configured provider "

@@ -567,10 +567,10 @@ async def outbox_backlog(conn: Connection) -> tuple[int, float]:
     return row["n"], row["oldest"]
 
 
-def pool_usage(pool: Pool) -> tuple[int, int]:
-    """(connections lent out, connections open) of the pool."""
+def pool_usage(pool: Pool) -> tuple[int, int, int]:
+    """(connections lent out, connections open, the most it may open) of the pool."""
     size = pool.get_size()
-    return size - pool.get_idle_size(), size
+    return size - pool.get_idle_size(), size, pool.get_max_size()
 
 
 # ---------------------------------------------------------------------------- group commit

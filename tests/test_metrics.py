@@ -70,6 +70,7 @@ async def test_metrics_show_a_gesture_crossing_processes_and_name_no_one(
     assert value(one, "gesture_ws_frames_sent_total", type="error") == 1
     assert value(one, "gesture_sends_total", outcome="ok") == 1
     assert value(one, "gesture_db_pool_size") >= 1
+    assert value(one, "gesture_db_pool_max") == 10  # DB_POOL_MAX's default
     assert value(one, "gesture_db_pool_in_use") >= 0
 
     two = await scrape(http, p2.url)
