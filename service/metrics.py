@@ -60,8 +60,9 @@ SENDS = Counter(
 )
 DELIVERY_SECONDS = Histogram(
     "gesture_delivery_seconds",
-    "From a gesture's commit (its sent_at) to its gesture_received frame written to a "
-    "recipient socket connected at the time; first delivery on this process only",
+    "From a gesture's sent_at (its admission, just before commit) to its gesture_received "
+    "frame written to a recipient socket connected at the time; first delivery on this "
+    "process only",
     buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0),
 )
 OUTBOX_WAITING = Gauge(
