@@ -153,7 +153,7 @@ async def run_ws(cfg: dict) -> None:
                         max_size=2**20,
                         open_timeout=10,
                         close_timeout=2,
-                        compression=None,
+                        compression=cfg.get("compression"),
                     )
                     first = _frame_decoder.decode(await ws.recv())
             except (OSError, TimeoutError, WebSocketException, msgspec.DecodeError):
@@ -207,7 +207,7 @@ async def run_ws(cfg: dict) -> None:
             delay = random.uniform(0.0, jitter)
 
     async def pinger() -> None:
-        # The service closes a socket that sent nothing for ws_idle_timeout (75 s).
+        # `ping` frames, as a client may send them (the service needs none: it pings).
         while True:
             await asyncio.sleep(app_ping * random.uniform(0.8, 1.0))
             for c in clients:

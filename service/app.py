@@ -130,6 +130,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         "gestures": gestures.run,
         "presence": presence.run,
         "subscriber": gateway.subscriber.run,
+        "access": gateway.watch_access,
     }
     running = {name: asyncio.create_task(run(), name=name) for name, run in tasks.items()}
     for task in running.values():

@@ -32,6 +32,12 @@ def channel_for(prefix: str, relationship_id: uuid.UUID | str) -> str:
     return f"{prefix}{relationship_id}"
 
 
+def control_channel(presence_prefix: str) -> str:
+    """The one channel every process subscribes to for as long as it runs: changes that
+    concern every process (a relationship's partners changed). Low volume."""
+    return f"{presence_prefix}control"
+
+
 class Publisher:
     """Publishes committed outbox rows, deletes what Redis took, and relays the rest."""
 
@@ -58,6 +64,12 @@ class Publisher:
         """Queue committed rows for publishing; never blocks, never raises."""
         self._queue.extend(rows)
         self._ready.set()
+
+    async def publish_now(self, rows: Sequence[store.OutboxRow]) -> bool:
+        """Publish committed rows and wait until Redis took them, for a change whose caller
+        is answered only once every subscriber can have heard of it. False when Redis did
+        not take them: the rows stay in the outbox and the relay publishes them later."""
+        return await self._send(rows)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -172,6 +184,11 @@ class Subscriber:
         self._tasks: set[asyncio.Task[None]] = set()
         self._dropping: set[str] = set()
         self._drop_ready = asyncio.Event()
+
+    def keep(self, channels: Sequence[str]) -> None:
+        """Channels to hold for the life of the process, from the first SUBSCRIBE on (call
+        before `run`); never dropped."""
+        self._channels.update(channels)
 
     async def subscribe(self, channels: Sequence[str], timeout: float = 5.0) -> bool:
         """Subscribe; True once Redis confirmed, False if it did not within `timeout`."""

@@ -125,27 +125,8 @@ def dev_server(processes: int, first_port: int) -> int:
     (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
     migrate(env["DATABASE_URL"])
     ports = [first_port + i for i in range(processes)]
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.app:app",
-                "--port",
-                str(port),
-                "--ws",
-                "wsproto",
-                "--ws-max-size",
-                "16384",
-                "--no-server-header",
-                "--timeout-graceful-shutdown",
-                "10",
-            ],
-            env=env,
-        )
-        for port in ports
-    ]
+    settings = config.from_env(env)
+    children = [subprocess.Popen(uvicorn_command(settings, port), env=env) for port in ports]
     try:
         for port in ports:
             _wait_ready(port, children)
@@ -208,6 +189,41 @@ def demo_address(base_url: str, b_ws: str, secret: str, ttl: int = 24 * 3600) ->
         safe=":/",
     )
     return f"{base_url}/demo#{fragment}"
+
+
+# uvicorn's wsproto protocol with one keepalive timer per process (see service/wsserver.py).
+WS_PROTOCOL = "service.wsserver:WSProtocol"
+
+
+def uvicorn_command(
+    settings: config.Settings, port: int, *extra: str, ws: str = WS_PROTOCOL
+) -> list[str]:
+    """The uvicorn command line the project runs the service with (the dev command, the
+    bench, the tests; the Procfile and the image spell the same in shell). Compression off
+    unless `WS_PER_MESSAGE_DEFLATE` says otherwise, and one keepalive: protocol pings."""
+    options = config.uvicorn_options(settings)
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.app:app",
+        "--port",
+        str(port),
+        "--ws",
+        ws,
+        "--ws-max-size",
+        str(settings.ws_max_frame),
+        "--ws-per-message-deflate",
+        "true" if options["ws_per_message_deflate"] else "false",
+        "--ws-ping-interval",
+        str(options["ws_ping_interval"] or 0),
+        "--ws-ping-timeout",
+        str(options["ws_ping_timeout"]),
+        "--no-server-header",
+        "--timeout-graceful-shutdown",
+        "10",
+        *extra,
+    ]
 
 
 def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:

@@ -242,6 +242,14 @@ class GestureAcknowledged(_Event, tag="gesture.acknowledged"):
 Event = GestureSent | GestureDelivered | GestureAcknowledged
 
 
+class RelationshipChanged(Struct, tag_field="event", tag="relationship.changed", kw_only=True):
+    """Internal, on the control channel: a relationship's row after `PUT /api/relationships`.
+    Every process drops its cached row and closes the sockets of a partner who left."""
+
+    v: int = 1
+    relationship: Relationship
+
+
 class PresenceChange(Struct, kw_only=True):
     """Internal, on the presence channel: a partner's first connection opened or last closed."""
 
@@ -259,6 +267,7 @@ frame_decoder = msgspec.json.Decoder(ClientFrame)
 envelope_decoder = msgspec.json.Decoder(FrameEnvelope)
 event_decoder = msgspec.json.Decoder(Event)
 presence_decoder = msgspec.json.Decoder(PresenceChange)
+control_decoder = msgspec.json.Decoder(RelationshipChanged)
 
 # What hostile input can make a msgspec decoder raise besides its own errors.
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)

@@ -227,6 +227,17 @@ async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Rela
     return None if r is None else Relationship(**dict(r))
 
 
+async def get_relationships(
+    conn: Connection, relationship_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Relationship]:
+    rows = await conn.fetch(
+        """SELECT id, partner_a_id, partner_b_id, created_at FROM relationships
+        WHERE id = any($1::uuid[])""",
+        relationship_ids,
+    )
+    return {r["id"]: Relationship(**dict(r)) for r in rows}
+
+
 async def put_relationship(
     conn: Connection, relationship_id: uuid.UUID, partner_a_id: str | None, partner_b_id: str | None
 ) -> Relationship:
@@ -433,14 +444,18 @@ async def get_gestures(conn: Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.
     return {r["id"]: _gesture(r) for r in rows}
 
 
-async def pending(conn: Connection, relationship_id: uuid.UUID, recipient: str) -> list[Gesture]:
-    """Unacknowledged gestures sent to `recipient`, oldest first."""
+async def pending(
+    conn: Connection, relationship_id: uuid.UUID, recipient: str, limit: int | None = None
+) -> list[Gesture]:
+    """Unacknowledged gestures sent to `recipient`, oldest first; the first `limit` of
+    them when given (LIMIT NULL is no limit)."""
     rows = await conn.fetch(
         f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
         WHERE relationship_id = $1 AND sent_by <> $2 AND acknowledged_at IS NULL
-        ORDER BY sent_at, id""",
+        ORDER BY sent_at, id LIMIT $3""",
         relationship_id,
         recipient,
+        limit,
     )
     return [_gesture(r) for r in rows]
 

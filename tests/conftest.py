@@ -11,7 +11,6 @@ import asyncio
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,9 +23,9 @@ import pytest
 import redis
 import uvicorn
 
-from service import auth, store
+from service import auth, cli, store
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, uvicorn_options
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 ROOT = Path(__file__).resolve().parent.parent
@@ -176,9 +175,13 @@ def settings_env(s: Settings) -> dict[str, str]:
         PRESENCE_TTL=str(s.presence_ttl),
         DB_TIMEOUT=str(s.db_timeout),
         WS_QUEUE_SIZE=str(s.ws_queue_size),
-        WS_IDLE_TIMEOUT=str(s.ws_idle_timeout),
+        WS_GREETING_LIMIT=str(s.ws_greeting_limit),
+        WS_PER_MESSAGE_DEFLATE=str(s.ws_per_message_deflate).lower(),
+        WS_PING_INTERVAL=str(s.ws_ping_interval),
+        WS_PING_TIMEOUT=str(s.ws_ping_timeout),
         RATE_LIMIT_PER_MINUTE=str(s.rate_limit_per_minute),
         SHUTDOWN_TIMEOUT=str(s.shutdown_timeout),
+        RELATIONSHIP_CACHE_TTL=str(s.relationship_cache_ttl),
     )
     return env
 
@@ -203,15 +206,16 @@ class _Listening:
 class InProcess(_Listening):
     """A uvicorn.Server on the test's own event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ws: str = cli.WS_PROTOCOL) -> None:
         self.settings = settings
         config = uvicorn.Config(
             create_app(settings),
             host="127.0.0.1",
             port=0,
-            ws="wsproto",
+            ws=ws,
             log_level="warning",
             lifespan="on",
+            **uvicorn_options(settings),
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task | None = None
@@ -267,20 +271,7 @@ class Process(_Listening):
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "service.app:app",
-                    "--port",
-                    str(self.port),
-                    "--ws",
-                    "wsproto",
-                    "--ws-max-size",
-                    "16384",
-                    "--timeout-graceful-shutdown",
-                    "10",
-                ],
+                cli.uvicorn_command(self.settings, self.port),
                 env=settings_env(self.settings),
                 cwd=ROOT,
                 stdout=log,

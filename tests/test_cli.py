@@ -1,0 +1,95 @@
+"""The ways the project starts the service: no permessage-deflate unless the operator turns
+it on (`WS_PER_MESSAGE_DEFLATE`), whichever of them runs it. Clients here offer the
+extension, as every browser does."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from websockets.asyncio.client import connect as ws_connect
+
+from .conftest import ROOT, Couple, Process, settings_env
+
+pytestmark = pytest.mark.anyio
+
+
+async def extensions_answered(process: Process, couple: Couple) -> str | None:
+    """The 101 answer's Sec-WebSocket-Extensions to a client offering permessage-deflate."""
+    url = f"{process.ws_url}?relationship_id={couple.id}&token={couple.a_token}"
+    async with ws_connect(url, compression="deflate") as ws:
+        assert "permessage-deflate" in ws.request.headers["Sec-WebSocket-Extensions"]
+        return ws.response.headers.get("Sec-WebSocket-Extensions")
+
+
+@pytest.mark.parametrize("deflate", [False, True])
+async def test_the_dev_bench_and_test_command_compresses_only_when_told(
+    processes, couple: Couple, deflate: bool
+):
+    [p] = await processes(1, ws_per_message_deflate=deflate)
+    answer = await extensions_answered(p, couple)
+    if deflate:
+        assert answer is not None and answer.startswith("permessage-deflate")
+    else:
+        assert answer is None
+
+
+def _procfile_web() -> str:
+    for line in (ROOT / "Procfile").read_text().splitlines():
+        if line.startswith("web:"):
+            return line.removeprefix("web:").strip()
+    raise AssertionError("no web process in the Procfile")
+
+
+def _image_cmd() -> str:
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("CMD "):
+            sh, flag, script = json.loads(line.removeprefix("CMD "))
+            assert (sh, flag) == ("sh", "-c")
+            return script
+    raise AssertionError("no CMD in the Dockerfile")
+
+
+class ShellProcess(Process):
+    """The Procfile's or the image's command line, run by a shell as those platforms do,
+    on 127.0.0.1 rather than every interface."""
+
+    def __init__(self, settings, log_dir: Path, line: str, extra_env: dict[str, str]) -> None:
+        super().__init__(settings, log_dir)
+        assert "--host 0.0.0.0" in line
+        line = line.replace("--host 0.0.0.0", "--host 127.0.0.1")
+        self.line = line if line.startswith("exec ") else f"exec {line}"
+        self.extra_env = extra_env
+
+    def start(self) -> None:
+        env = settings_env(self.settings)
+        for name in ("WS_PER_MESSAGE_DEFLATE", "WS_PING_INTERVAL", "WS_PING_TIMEOUT"):
+            env.pop(name)  # the line's own defaults
+        env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+        env.update(PORT=str(self.port), **self.extra_env)
+        with open(self.log_path, "ab") as log:
+            self.popen = subprocess.Popen(
+                ["sh", "-c", self.line], env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+
+
+@pytest.mark.parametrize("source", ["Procfile", "Dockerfile"])
+@pytest.mark.parametrize("deflate", [None, "true"])
+async def test_the_procfile_and_the_image_compress_only_when_told(
+    settings, tmp_path: Path, couple: Couple, source: str, deflate: str | None
+):
+    line = _procfile_web() if source == "Procfile" else _image_cmd()
+    env = {"WS_PER_MESSAGE_DEFLATE": deflate} if deflate else {}
+    p = ShellProcess(settings, tmp_path, line, env)
+    p.start()
+    try:
+        await p.ready()
+        answer = await extensions_answered(p, couple)
+    finally:
+        p.stop()
+    if deflate:
+        assert answer is not None and answer.startswith("permessage-deflate")
+    else:
+        assert answer is None
