@@ -493,7 +493,11 @@ async def run_redis_pub(cfg: dict) -> None:
     gen = cfg["gen"]
     rels = [uuid.UUID(r) for r in cfg["rels"]]
     channels = [f"{cfg['channel_prefix']}{r}" for r in rels]
-    redis = aioredis.Redis.from_url(cfg["redis_url"])
+    sharded = bool(cfg.get("cluster"))  # a Redis Cluster: SPUBLISH, as the service does there
+    if sharded:
+        redis = aioredis.RedisCluster.from_url(cfg["redis_url"])
+    else:
+        redis = aioredis.Redis.from_url(cfg["redis_url"])
     await redis.ping()
     emit({"event": "ready"})
 
@@ -529,7 +533,10 @@ async def run_redis_pub(cfg: dict) -> None:
                 pipe = redis.pipeline(transaction=False)
                 for k in range(due):
                     i = (sent + k) % len(rels)
-                    pipe.publish(channels[i], event(i, sent + k, tag))
+                    if sharded:
+                        pipe.spublish(channels[i], event(i, sent + k, tag))
+                    else:
+                        pipe.publish(channels[i], event(i, sent + k, tag))
                 await pipe.execute()
                 sent += due
             await asyncio.sleep(0.001)

@@ -306,6 +306,7 @@ class Bench:
         self.db = f"bench_{tag}"
         self.dsn = _dsn_with_db(PG_ADMIN_DSN, self.db)
         self.redis_url = REDIS_URL
+        self.redis_cluster = False  # the cluster step points the services at a cluster
         self.channel_prefix = f"bench-{tag}:gestures:"
         self.presence_prefix = f"bench-{tag}:presence:"
         self.jwt_secret = secrets.token_urlsafe(32)
@@ -427,6 +428,7 @@ class Bench:
             **os.environ,
             "DATABASE_URL": self.dsn,
             "REDIS_URL": self.redis_url,
+            "REDIS_CLUSTER": "true" if self.redis_cluster else "false",
             "JWT_SECRET": self.jwt_secret,
             "CHANNEL_PREFIX": self.channel_prefix,
             "PRESENCE_PREFIX": self.presence_prefix,

@@ -18,6 +18,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str
     jwt_secret: str
+    # REDIS_URL names any node of a Redis Cluster: sharded pub/sub, hash-tagged keys.
+    redis_cluster: bool = False
     port: int = 8000
     # Pools
     db_pool_min: int = 2
@@ -50,9 +52,28 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Outbox relay: how often, and how old a row must be before the relay takes it.
     relay_interval: float = 1.0
     relay_min_age: float = 2.0
+    # Suggested notes: a per-sender limit, and the optional OpenAI-compatible provider
+    # (unset URL: the built-in composer answers, with no network at all).
+    suggestion_rate_limit_per_minute: int = 20
+    suggestion_provider_url: str = ""
+    suggestion_provider_model: str = ""
+    suggestion_provider_key: str = ""
+    suggestion_provider_timeout: float = 3.0
+
+    def __repr__(self) -> str:
+        # Settings may end up in a log line or a traceback: never with a secret in them.
+        shown = {
+            f: ("<hidden>" if f in _SECRET_FIELDS and getattr(self, f) else getattr(self, f))
+            for f in self.__struct_fields__
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
 
 
-def _boolean(raw: str) -> bool:
+_SECRET_FIELDS = {"jwt_secret", "suggestion_provider_key"}
+
+
+def boolean(raw: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no, on/off); ValueError otherwise."""
     match raw.strip().lower():
         case "true" | "1" | "yes" | "on":
             return True
@@ -66,6 +87,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "DATABASE_URL": ("database_url", str),
     "REDIS_URL": ("redis_url", str),
     "JWT_SECRET": ("jwt_secret", str),
+    "REDIS_CLUSTER": ("redis_cluster", boolean),
     "PORT": ("port", int),
     "DB_POOL_MIN": ("db_pool_min", int),
     "DB_POOL_MAX": ("db_pool_max", int),
@@ -78,7 +100,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "PRESENCE_PREFIX": ("presence_prefix", str),
     "PRESENCE_TTL": ("presence_ttl", float),
     "PRESENCE_GRACE": ("presence_grace", float),
-    "WS_PER_MESSAGE_DEFLATE": ("ws_per_message_deflate", _boolean),
+    "WS_PER_MESSAGE_DEFLATE": ("ws_per_message_deflate", boolean),
     "WS_PING_INTERVAL": ("ws_ping_interval", float),
     "WS_PING_TIMEOUT": ("ws_ping_timeout", float),
     "WS_QUEUE_SIZE": ("ws_queue_size", int),
@@ -86,6 +108,11 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
     "RELAY_INTERVAL": ("relay_interval", float),
     "RELAY_MIN_AGE": ("relay_min_age", float),
+    "SUGGESTION_RATE_LIMIT_PER_MINUTE": ("suggestion_rate_limit_per_minute", int),
+    "SUGGESTION_PROVIDER_URL": ("suggestion_provider_url", str),
+    "SUGGESTION_PROVIDER_MODEL": ("suggestion_provider_model", str),
+    "SUGGESTION_PROVIDER_KEY": ("suggestion_provider_key", str),
+    "SUGGESTION_PROVIDER_TIMEOUT": ("suggestion_provider_timeout", float),
 }
 _ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL", "WS_PING_INTERVAL"}
 _REQUIRED = {
@@ -108,11 +135,20 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = parser(raw)
         except ValueError:
-            kind = {int: "an integer", float: "a number", _boolean: "true or false"}[parser]
+            kind = {int: "an integer", float: "a number"}.get(parser, "true or false")
             raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
         if parser in (int, float) and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
             raise ConfigError(f"{name} must be positive, got {raw!r}")
         values[field] = value
+    url = str(values.get("suggestion_provider_url", ""))
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"SUGGESTION_PROVIDER_URL must be an http(s) URL, got {url!r}")
+        if not values.get("suggestion_provider_model"):
+            raise ConfigError(
+                "SUGGESTION_PROVIDER_MODEL is not set: the model to ask when "
+                "SUGGESTION_PROVIDER_URL is set, e.g. gpt-4o-mini"
+            )
     return Settings(**values)
 
 

@@ -454,6 +454,7 @@ class Gateway:
                         frame.ai_generated,
                         frame.idempotency_key,
                         want_online=False,
+                        suggestion_id=frame.suggestion_id,
                     )
                     sent = GestureSentFrame(gesture=result.gesture, request_id=request_id)
                     conn.push(encoder.encode(sent))

@@ -94,10 +94,11 @@ DB_POOL_MAX = Gauge(
     "gesture_db_pool_max",
     "The most PostgreSQL connections this process's pool may open (DB_POOL_MAX)",
 )
+# reason: timeout, error (transport), status (non-2xx), invalid (not a chat completion),
+# empty (nothing left after cleaning), quoted (repeated the partner's note).
 SUGGESTION_FALLBACKS = Counter(
     "gesture_suggestion_fallbacks_total",
-    "Suggested notes answered by the built-in composer because the configured provider "
-    "failed, by reason",
+    "Suggestions answered by the built-in composer because the configured provider failed",
     ["reason"],
 )
 

@@ -41,9 +41,13 @@ import uuid
 from collections import Counter
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 log = logging.getLogger(__name__)
+
+# RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>", which
+# redis-py lets through when a cluster node dies under a connection it is writing to.
+_ERRORS = (RedisError, RedisClusterException, OSError, RuntimeError)
 
 # KEYS[1] the partner's set of nodes, KEYS[2] the relationship's presence channel.
 # ARGV: node, partner (role), the publish command (PUBLISH, or SPUBLISH on a cluster).
@@ -119,7 +123,7 @@ class Presence:
         """Whether `role` holds a connection on any live process; False if Redis is down."""
         try:
             n = await self._redis.scard(self.key(relationship_id, role))
-        except (RedisError, OSError):
+        except _ERRORS:
             return False
         return n > 0
 
@@ -183,7 +187,7 @@ class Presence:
             waiters, self._waiters = self._waiters, []
             try:
                 await self._write(entries)
-            except (RedisError, OSError) as exc:
+            except _ERRORS as exc:
                 self._unsure |= entries
                 log.warning("presence write failed", extra={"error": repr(exc)})
             except Exception:
@@ -227,8 +231,11 @@ class Presence:
                     self._dirty.add(entry)  # changed during the round trip: the next batch
 
     def _call(self, pipe, script: str, relationship_id: uuid.UUID, role: str, node=None) -> None:
-        # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS first.
-        pipe.evalsha(
+        # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS first; and
+        # as a plain command, which a cluster pipeline routes by its first key (it refuses
+        # `pipe.evalsha`).
+        pipe.execute_command(
+            "EVALSHA",
             _SHA[script],
             2,
             self.key(relationship_id, role),
@@ -273,7 +280,7 @@ class Presence:
         while True:
             try:
                 await self.beat()
-            except (RedisError, OSError) as exc:
+            except _ERRORS as exc:
                 log.warning("presence heartbeat failed", extra={"error": repr(exc)})
             await asyncio.sleep(self._beat)
 
@@ -360,5 +367,5 @@ class Presence:
                 pipe.delete(self._entries_key(self._node))
                 pipe.zrem(self._nodes_key, self._node)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except _ERRORS as exc:
             log.warning("presence entries left for the survivors", extra={"error": repr(exc)})

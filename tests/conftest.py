@@ -27,6 +27,8 @@ from service import auth, cli, store
 from service.app import create_app
 from service.config import Settings, uvicorn_options
 
+from .support_cluster import LocalCluster, missing_binaries
+
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,6 +74,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     from service import embedded
 
     return embedded.start_redis(tmp_path_factory.mktemp("embedded-redis"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local Redis Cluster of three masters and three replicas, for the session."""
+    if (reason := missing_binaries()) is not None:
+        pytest.skip(f"no local Redis Cluster: {reason}")
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -166,6 +181,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     env.update(
         DATABASE_URL=s.database_url,
         REDIS_URL=s.redis_url,
+        REDIS_CLUSTER="true" if s.redis_cluster else "false",
         JWT_SECRET=s.jwt_secret,
         CHANNEL_PREFIX=s.channel_prefix,
         PRESENCE_PREFIX=s.presence_prefix,
@@ -339,6 +355,17 @@ def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
+# The role each test user's token plays, so helpers can name it as the seed's clients do
+# (`sender_id`, `acknowledged_by`, `partner_id` are required).
+ROLE_OF_TOKEN: dict[str, str] = {}
+
+
+def role_for(headers: dict[str, str] | None, default: str = "partner_a") -> str:
+    """The role of the user whose `Authorization` header this is (`default` if unknown)."""
+    auth = (headers or {}).get("Authorization", "")
+    return ROLE_OF_TOKEN.get(auth.removeprefix("Bearer "), default)
+
+
 class Couple:
     """A relationship of two fresh users, with their tokens."""
 
@@ -350,6 +377,8 @@ class Couple:
         self.b_token = token(self.b)
         self.a_headers = bearer(self.a_token)
         self.b_headers = bearer(self.b_token)
+        ROLE_OF_TOKEN[self.a_token] = "partner_a"
+        ROLE_OF_TOKEN[self.b_token] = "partner_b"
 
     def token_of(self, role: str) -> str:
         return self.a_token if role == "partner_a" else self.b_token

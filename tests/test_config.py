@@ -62,3 +62,11 @@ def test_keepalive_pings_every_30_s_by_default_and_0_turns_them_off():
     assert from_env({**GOOD, "WS_PING_INTERVAL": "0"}).ws_ping_interval == 0
     with pytest.raises(ConfigError, match="WS_PING_TIMEOUT"):
         from_env({**GOOD, "WS_PING_TIMEOUT": "0"})
+
+
+def test_cluster_mode_is_off_by_default_and_read_as_a_boolean():
+    assert from_env(GOOD).redis_cluster is False
+    for raw, value in [("true", True), ("TRUE", True), ("1", True), ("false", False), ("0", False)]:
+        assert from_env({**GOOD, "REDIS_CLUSTER": raw}).redis_cluster is value
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER must be true or false"):
+        from_env({**GOOD, "REDIS_CLUSTER": "sometimes"})

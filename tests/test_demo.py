@@ -51,7 +51,7 @@ def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[WebDriv
         "--disable-component-update",
         "--disable-sync",
         "--disable-dev-shm-usage",
-        "--window-size=1280,750",
+        "--window-size=1280,1000",
         f"--user-data-dir={tmp_path / 'chromium-profile'}",
     ):
         options.add_argument(arg)
@@ -116,7 +116,13 @@ async def test_a_hug_crosses_processes_and_comes_back_as_a_kiss(
     browser.find_element(By.CSS_SELECTOR, "#pane-a .suggest").click()
     if "/api/gestures/generate-message" in paths:
         wait_for(browser, "#pane-a .error.info", text="Suggested")
-        assert browser.find_element(By.CSS_SELECTOR, "#pane-a textarea").get_property("value")
+        suggested = browser.find_element(By.CSS_SELECTOR, "#pane-a textarea")
+        suggested = suggested.get_property("value").strip()
+        assert suggested
+        # Sent as it is, it carries its suggestion_id and arrives marked as suggested.
+        browser.find_element(By.CSS_SELECTOR, "#pane-a .send").click()
+        wait_for(browser, "#pane-b .received li[data-ai=true]", text=suggested)
+        wait_for(browser, "#pane-a .sent li[data-ai=true]", text=suggested)
     else:
         wait_for(browser, "#pane-a .error", text="not available on this server")
 

@@ -107,7 +107,7 @@ async def test_sends_are_counted_by_outcome_on_both_edges(
     base = p.url
     await send_http(http, base, couple, message="one")
     key = {"Idempotency-Key": "k-1"}
-    body = {"relationship_id": str(couple.id), "gesture_type": "kiss"}
+    body = {"relationship_id": str(couple.id), "gesture_type": "kiss", "sender_id": "partner_a"}
     headers = {**key, "Authorization": f"Bearer {couple.a_token}"}
     assert (await http.post(f"{base}/api/gestures/send", json=body, headers=headers)).is_success
     # Past the limit, the same key is a replay, not a rate-limited send.

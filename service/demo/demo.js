@@ -300,6 +300,10 @@ class Pane {
     li.dataset.gestureId = gesture.id;
     li.dataset.type = gesture.gesture_type;
     if (gesture.message) li.append(el("p", { className: "note", textContent: gesture.message }));
+    if (gesture.ai_generated) {
+      li.querySelector(".kind").append(" ", el("small", { className: "ai", textContent: "✨ suggested note" }));
+      li.dataset.ai = "true";
+    }
     return li;
   }
 
