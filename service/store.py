@@ -792,6 +792,22 @@ async def delete_outbox(conn: Connection, ids: Sequence[int]) -> None:
     await conn.execute("DELETE FROM gesture_outbox WHERE id = any($1::bigint[])", ids)
 
 
+async def outbox_backlog(conn: Connection) -> tuple[int, float]:
+    """Rows in the outbox, and the age in seconds of the oldest (0 when empty)."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n,
+        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
+        FROM gesture_outbox"""
+    )
+    return row["n"], row["oldest"]
+
+
+def pool_usage(pool: Pool) -> tuple[int, int, int]:
+    """(connections lent out, connections open, the most it may open) of the pool."""
+    size = pool.get_size()
+    return size - pool.get_idle_size(), size, pool.get_max_size()
+
+
 # ---------------------------------------------------------------------------- group commit
 
 T = TypeVar("T")
