@@ -39,7 +39,11 @@ def verify(token: str | None, secret: str) -> Caller:
         raise errors.Unauthenticated("token expired") from None
     except jwt.PyJWTError:
         raise errors.Unauthenticated("invalid token") from None
-    expires = float(claims["exp"])
+    try:
+        expires = float(claims["exp"])
+    except (OverflowError, TypeError, ValueError):
+        # PyJWT checks `exp` against now as an int; an int past float's range passes it.
+        raise errors.Unauthenticated("invalid token") from None
     if claims.get("role") == SERVICE_ROLE:
         return Caller(None, True, expires)
     sub = claims.get("sub")

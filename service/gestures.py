@@ -651,6 +651,8 @@ def _decode_cursor(cursor: str) -> tuple[datetime, uuid.UUID]:
         when = datetime.fromisoformat(at)
         if when.tzinfo is None:
             raise ValueError("naive")
-        return when, uuid.UUID(gesture_id)
-    except (ValueError, binascii.Error, UnicodeDecodeError):
+        # In UTC here: a time that only leaves the calendar there (year 1 at +14:00) is
+        # refused now rather than by asyncpg's encoder, which would make it a 500.
+        return when.astimezone(UTC), uuid.UUID(gesture_id)
+    except (ValueError, OverflowError, binascii.Error, UnicodeDecodeError):
         raise errors.Invalid("before: not a cursor returned by this API") from None

@@ -14,12 +14,34 @@ _JWT = re.compile(r"eyJ[\w-]*\.[\w-]+\.[\w-]+")
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 
 
+def _redact(text: str) -> str:
+    return _JWT.sub("[redacted]", _TOKEN.sub(r"\1[redacted]", text))
+
+
+def _sensitive(text: str) -> bool:
+    return "token=" in text.lower() or "eyJ" in text
+
+
 class Redact(logging.Filter):
+    """Masks tokens in the message and in its arguments, keeping `args` a tuple: uvicorn's
+    access formatter unpacks them, and a record without them is a logging error (with a
+    traceback on stderr) instead of an access line."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if not _sensitive(record.getMessage()):
+            return True
+        if isinstance(record.msg, str):
+            record.msg = _redact(record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(_redact(a) if isinstance(a, str) else a for a in record.args)
+        elif isinstance(record.args, dict):
+            record.args = {
+                k: _redact(v) if isinstance(v, str) else v for k, v in record.args.items()
+            }
         message = record.getMessage()
-        if "token=" in message.lower() or "eyJ" in message:
-            record.msg = _JWT.sub("[redacted]", _TOKEN.sub(r"\1[redacted]", message))
-            record.args = None
+        if _sensitive(message) and _redact(message) != message:
+            # A token inside an argument that is no string: flatten, as the last resort.
+            record.msg, record.args = _redact(message), None
         return True
 
 

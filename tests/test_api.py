@@ -274,6 +274,14 @@ async def test_recent_rejects_a_cursor_it_did_not_make(api, couple):
         assert_error(await recent(api, couple, before=cursor), 422, "before", case=cursor)
 
 
+async def test_recent_rejects_a_cursor_whose_time_leaves_the_calendar_in_utc(api, couple):
+    """Year 1 at +14:00 and year 9999 at -14:00 parse, but are no time PostgreSQL can hold."""
+    for at in ("0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-14:00"):
+        raw = f"{at}|{uuid.uuid4()}".encode()
+        cursor = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+        assert_error(await recent(api, couple, before=cursor), 422, "before", case=at)
+
+
 # ---------------------------------------------------------------------------- get
 
 

@@ -310,3 +310,12 @@ def test_a_bad_token_is_never_remembered():
             verifier(auth.issue("another-secret-that-is-long-enough-to-sign!", sub="x"))
     tokens = [auth.issue(SECRET, sub=f"u{i}") for i in range(3)]
     assert [verifier(t).user_id for t in tokens] == ["u0", "u1", "u2"]
+
+
+def test_an_exp_beyond_any_float_is_401_not_a_500():
+    """`exp` = 10**400 is a valid int to PyJWT, but no time: refused like any bad token."""
+    from service import auth, errors
+
+    tok = jwt.encode({"sub": "alice", "exp": 10**400}, SECRET, algorithm="HS256")
+    with pytest.raises(errors.Unauthenticated):
+        auth.verify(tok, SECRET)

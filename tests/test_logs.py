@@ -1,0 +1,44 @@
+"""Redaction of tokens in log lines, uvicorn's included."""
+
+import logging
+
+from uvicorn.logging import AccessFormatter
+
+from service import auth
+from service.logs import Redact
+
+
+def _access_record(path: str) -> logging.LogRecord:
+    """A record as uvicorn's HTTP protocol logs a request to `uvicorn.access`."""
+    return logging.LogRecord(
+        "uvicorn.access",
+        logging.INFO,
+        __file__,
+        1,
+        '%s - "%s %s HTTP/%s" %d',
+        ("127.0.0.1:5000", "GET", path, "1.1", 200),
+        None,
+    )
+
+
+def test_an_access_line_with_a_token_is_redacted_and_still_formats():
+    """uvicorn's access formatter unpacks the record's args: redaction must keep them."""
+    jwt = auth.issue("a-secret-long-enough-to-sign-with-hs256!", sub="alice")
+    for path in (f"/healthz?token={jwt}", f"/healthz?x={jwt}", "/healthz?token=opaque"):
+        record = _access_record(path)
+        assert Redact().filter(record)
+        line = AccessFormatter('%(client_addr)s - "%(request_line)s" %(status_code)s').format(
+            record
+        )
+        assert "[redacted]" in line and jwt not in line and "opaque" not in line
+        assert line.endswith(" 200 OK"), line
+
+
+def test_a_token_in_an_argument_that_is_no_string_is_redacted_too():
+    class Url:
+        def __str__(self) -> str:
+            return "/ws?token=secret"
+
+    record = logging.LogRecord("x", logging.INFO, __file__, 1, "open %s", (Url(),), None)
+    Redact().filter(record)
+    assert record.getMessage() == "open /ws?token=[redacted]"
