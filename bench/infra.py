@@ -142,7 +142,9 @@ class Gen:
 class Service:
     """One `uvicorn service.app:app` process."""
 
-    def __init__(self, bench: "Bench", name: str, port: int, ws: str = "wsproto") -> None:
+    def __init__(
+        self, bench: "Bench", name: str, port: int, ws: str = "wsproto", extra: tuple = ()
+    ) -> None:
         self.name = name
         self.port = port
         self.ws = ws
@@ -166,6 +168,7 @@ class Service:
                 "--no-access-log",
                 "--backlog",
                 "4096",
+                *extra,
             ],
             cwd=ROOT,
             env=bench.service_env(),
