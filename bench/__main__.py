@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,latency,connections]`,
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster]`,
 and `python -m bench chaos [--quick]` (see `bench/chaos.py`).
 
 Starts its own database, two service processes and the load generators, runs the steps,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from . import steps
+from . import cluster, steps
 from .infra import ROOT, Bench, free_port
 
 STEPS = {
@@ -26,6 +26,7 @@ STEPS = {
     "fanout": steps.fanout,
     "latency": steps.latency,
     "connections": steps.connections,
+    "cluster": cluster.cluster,
 }
 
 

@@ -41,9 +41,6 @@ from pathlib import Path
 from .infra import ROOT, Gen, Service, free_port, raise_nofile
 from .report import percentiles, table
 
-# The Procfile's flags, but on 127.0.0.1.
-PROCFILE_FLAGS = ("--no-server-header", "--timeout-graceful-shutdown", "10")
-
 
 @dataclass
 class Plan:
@@ -540,7 +537,8 @@ class Rig:
     def start_service(self, name: str) -> Service:
         if name not in self.ports:
             self.ports[name] = free_port()
-        svc = Service(self, name, self.ports[name], extra=PROCFILE_FLAGS)
+        # The project's own command line (`service.cli.uvicorn_command`, as the Procfile).
+        svc = Service(self, name, self.ports[name])
         self.services[name] = svc
         svc.wait_ready(timeout=60)
         return svc

@@ -1,5 +1,5 @@
 """The WebSocket edge on one in-process server: authentication, every frame flow of the
-contract's section 5, bad frames, limits, delivery marks and the idle timeout."""
+contract's section 5, bad frames, limits, delivery marks and the keepalive."""
 
 import asyncio
 import json
@@ -14,8 +14,10 @@ from websockets.asyncio.client import connect as ws_connect
 from .conftest import SECRET, Couple, InProcess, make_couple, make_settings, token
 from .support_helpers import eventually
 from .support_ws import (
+    SilentClient,
     close_quietly,
     connect,
+    no_frame,
     refused,
     send_http,
 )
@@ -439,24 +441,31 @@ async def test_sending_past_the_rate_limit_over_websocket_gets_rate_limited(
         await s.stop()
 
 
-async def test_a_silent_connection_is_closed_after_the_idle_timeout_but_pings_keep_one_open(
-    database_url: str, redis_url: str, prefix: str, couple: Couple
+@pytest.mark.parametrize(
+    "ws", ["service.wsserver:WSProtocol", "service.wsserver:SansioWSProtocol", "wsproto"]
+)
+async def test_a_peer_that_stops_answering_pings_is_closed_and_a_quiet_one_that_answers_stays(
+    database_url: str, redis_url: str, prefix: str, couple: Couple, ws: str
 ):
-    s = InProcess(make_settings(database_url, redis_url, prefix, ws_idle_timeout=1))
+    """The one keepalive: protocol pings (one timer per process, service.wsserver), which
+    browsers answer by themselves; no idle timeout."""
+    settings = make_settings(
+        database_url, redis_url, prefix, ws_ping_interval=0.3, ws_ping_timeout=0.3
+    )
+    s = InProcess(settings, ws)
     await s.start()
     try:
-        silent = await connect(s.ws_url, couple, "partner_a")
-        chatty = await connect(s.ws_url, couple, "partner_b")
-        closed = asyncio.create_task(silent.closed_with(timeout=5))
-        while not closed.done():
-            await chatty.send(type="ping", request_id="keepalive")
-            await chatty.expect("pong", request_id="keepalive")
-            await asyncio.wait({closed}, timeout=0.3)
-        assert closed.result() == 1000
-        assert silent.ws.close_reason == "idle timeout"
-        await chatty.send(type="ping", request_id="still")
-        await chatty.expect("pong", request_id="still")
-        await chatty.close()
+        quiet = await connect(s.ws_url, couple, "partner_b")  # sends nothing, answers pings
+        dead = await SilentClient.open(s.port, couple.id, couple.a_token)  # answers nothing
+        await quiet.expect("presence", partner="partner_a", online=True)
+        await dead.dropped(timeout=5)
+        await quiet.expect("presence", partner="partner_a", online=False, timeout=5)
+        # Several ping periods later the quiet one is still open and served.
+        assert await no_frame(quiet, 2.0) == []
+        await quiet.send(type="ping", request_id="still")
+        await quiet.expect("pong", request_id="still")
+        await quiet.close()
+        dead.close()
     finally:
         await s.stop()
 
