@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import WebSocketRoute
 
-from . import api, bus, config, logs, store
+from . import api, bus, config, logs, metrics, store
 from .auth import Verifier
 from .bus import Publisher
 from .gateway import Gateway
@@ -172,12 +172,27 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         checks["tasks"] = "ok" if not dead else f"stopped: {', '.join(dead)}"
         return checks
 
+    async def sample_metrics() -> None:
+        """Gauges read at scrape time rather than kept up to date on every change."""
+        in_use, size, most = store.pool_usage(pool)  # before the scrape borrows one below
+        metrics.DB_POOL_IN_USE.set(in_use)
+        metrics.DB_POOL_SIZE.set(size)
+        metrics.DB_POOL_MAX.set(most)
+        try:
+            async with asyncio.timeout(1.0), store.connection(pool, 1.0) as conn:
+                waiting, oldest = await store.outbox_backlog(conn)
+        except Exception:
+            waiting = oldest = float("nan")  # unknown, rather than a stale figure
+        metrics.OUTBOX_WAITING.set(waiting)
+        metrics.OUTBOX_OLDEST_SECONDS.set(oldest)
+
     try:
         yield {
             "settings": settings,
             "gestures": gestures,
             "gateway": gateway,
             "readiness": readiness,
+            "sample_metrics": sample_metrics,
             "verify": verifier,
             "openapi": msgspec.json.encode(api.openapi()),
             "node": node,

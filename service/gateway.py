@@ -43,7 +43,7 @@ from datetime import UTC, datetime
 
 from starlette.websockets import WebSocket, WebSocketState
 
-from . import errors
+from . import errors, metrics
 from .auth import Verifier, bearer
 from .bus import Subscriber, control_channel
 from .config import Settings
@@ -107,6 +107,8 @@ class Gateway:
         self._presence = presence
         self.hub = hub
         self._subscriptions: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        # Commit times of gestures pushed live and not yet written, for DELIVERY_SECONDS.
+        self._committed: dict[uuid.UUID, float] = {}
         self.subscriber: Subscriber = subscriber_factory(self.on_message, self.resync)
         self._control = control_channel(settings.presence_prefix)
         self.subscriber.keep([self._control])
@@ -167,13 +169,24 @@ class Gateway:
 
     def _push_received(self, gesture: Gesture) -> None:
         frame, delivered, dedupe = self._received(gesture)
-        self.hub.push(
+        pushed = self.hub.push(
             gesture.relationship_id,
             other_role(gesture.sent_by),
             frame,
             delivered=delivered,
             dedupe=dedupe,
         )
+        if pushed and delivered is not None:
+            if len(self._committed) > 10_000:  # written never (sockets gone): forget
+                self._committed.clear()
+            self._committed[delivered] = gesture.sent_at.timestamp()
+
+    def _delivered(self, gesture_id: uuid.UUID) -> None:
+        """A gesture_received frame handed `gesture_id` over: time it, mark it delivered."""
+        committed = self._committed.pop(gesture_id, None)
+        if committed is not None:
+            metrics.DELIVERY_SECONDS.observe(time.time() - committed)
+        self._gestures.delivered(gesture_id)
 
     def _push_presence(self, relationship_id: uuid.UUID, partner: str, online: bool) -> None:
         frame = encoder.encode(PresenceFrame(partner=partner, online=online))
@@ -323,7 +336,7 @@ class Gateway:
             role,
             send=lambda frame: ws.send_text(frame.decode()),
             close=lambda code, reason: _close(ws, code, reason),
-            on_delivered=self._gestures.delivered,
+            on_delivered=self._delivered,
             limit=self._settings.ws_queue_size,
             user_id=caller.user_id,
             expires=caller.expires,
@@ -334,6 +347,7 @@ class Gateway:
         )
         code = 1000
         present = False  # undo only what was done
+        metrics.CONNECTIONS.inc()
         try:
             await self._join(conn)
             if refused := await self._recheck(ws, conn, changes):
@@ -354,6 +368,7 @@ class Gateway:
             await _close(ws, INTERNAL, "internal error")
         finally:
             conn.closed = True
+            metrics.CONNECTIONS.dec()
             if not self.closing:  # at shutdown, presence and Redis are dropped wholesale
                 if present:
                     self._presence.disconnected(relationship_id, role)
@@ -370,7 +385,12 @@ class Gateway:
                 conn.relationship_id, conn.role, self._settings.ws_greeting_limit
             ),
         )
-        conn.other_online = online
+        if conn.other_online is None:
+            conn.other_online = online
+        else:
+            # A change arrived on the channel (subscribed before the read) meanwhile: it is
+            # at least as new as the read, and taking the read would hide the next change.
+            online = conn.other_online
         first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]
         for gesture in pending:
             frame, delivered, dedupe = self._received(gesture)
@@ -415,8 +435,10 @@ class Gateway:
         try:
             frame = frame_decoder.decode(data)
         except DECODE_ERRORS as exc:
+            metrics.FRAMES_IN_BY_TYPE["invalid"].inc()
             conn.push(_error(errors.Invalid(describe(exc, "frame")), _request_id(data)))
             return
+        metrics.FRAMES_IN_BY_TYPE[type(frame).__struct_config__.tag].inc()
         request_id = frame.request_id
         try:
             match frame:

@@ -25,6 +25,7 @@ decides who may do what.
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
@@ -36,7 +37,7 @@ from datetime import UTC, datetime, tzinfo
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from . import errors, store, suggestions
+from . import errors, metrics, store, suggestions
 from .auth import Caller, role_of
 from .bus import REDIS_ERRORS, Publisher, channel_for, control_channel
 from .config import Settings
@@ -99,6 +100,22 @@ class _Sent:
         self.gesture = gesture
         self.fresh = fresh
         self.outbox = outbox
+
+
+def _counted(send):
+    """Count every send by its outcome (metrics.SENDS), whichever edge it came through."""
+
+    @functools.wraps(send)
+    async def counted(*args, **kwargs):
+        try:
+            result = await send(*args, **kwargs)
+        except errors.ServiceError as exc:
+            metrics.SEND_OUTCOME.get(exc.code, metrics.SEND_OUTCOME["invalid"]).inc()
+            raise
+        metrics.SEND_OUTCOME["ok" if result[1] else "replay"].inc()
+        return result
+
+    return counted
 
 
 class Gestures:
@@ -219,6 +236,7 @@ class Gestures:
 
     # ------------------------------------------------------------------ sending
 
+    @_counted
     async def send(
         self,
         caller: Caller,

@@ -25,6 +25,8 @@ import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 
+from . import metrics
+
 log = logging.getLogger(__name__)
 
 SLOW_CONSUMER = 1008
@@ -139,6 +141,7 @@ class Connection:
                 frame, delivered = self._queue.popleft()
                 self._greeting = max(0, self._greeting - 1)
                 await self._send(frame)
+                metrics.frame_written(frame)
                 if delivered is not None:
                     self._on_delivered(delivered)
         except Exception:
@@ -150,6 +153,7 @@ class Connection:
         """Close as a slow consumer: drop its queue, keep the process's memory bounded."""
         if self.closed:
             return
+        metrics.SLOW_CONSUMERS.inc()
         log.warning(
             "closing slow consumer",
             extra={"conn_id": self.id, "relationship_id": str(self.relationship_id)},

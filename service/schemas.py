@@ -9,7 +9,7 @@ default, so two versions of the service can share Redis during a deploy.
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -65,6 +65,9 @@ class Gesture(Struct, kw_only=True):
     acknowledged_at: datetime | None
     acknowledged_by: str | None
     response_gesture_id: uuid.UUID | None
+    # What a suggested note drew on ({suggestion_id, source, context_used}) when the gesture
+    # was sent with a `suggestion_id`; null otherwise. Written by the service only.
+    ai_context_used: dict[str, Any] | None = None
 
 
 class Relationship(Struct, kw_only=True):

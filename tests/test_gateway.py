@@ -491,3 +491,54 @@ async def test_the_token_never_appears_in_the_process_log(processes, couple: Cou
     assert couple.a_token not in text
     assert bad not in text
     assert "token=[redacted]" in text
+
+
+# ---------------------------------------------------------------------------- presence races
+
+
+async def test_a_presence_change_during_the_greeting_is_not_undone_by_the_greetings_read():
+    """The partner comes online while the greeting reads presence, and the read misses it
+    (it ran first): the live change wins, so when the partner later goes offline that change
+    is pushed too, instead of being taken for no change."""
+    from service.gateway import Gateway
+    from service.hub import Connection, Hub
+
+    settings = make_settings("postgresql://unused", "redis://unused", "t:")
+    read_started, release_read = asyncio.Event(), asyncio.Event()
+
+    class SlowPresence:
+        async def is_online(self, relationship_id, role) -> bool:
+            read_started.set()
+            await release_read.wait()
+            return False  # read before the partner's connection counted
+
+    class NoPending:
+        async def pending_for(self, relationship_id, role, *limit) -> list:
+            return []
+
+    class NoSubscriber:
+        def keep(self, channels) -> None:
+            pass
+
+    gateway = Gateway(settings, NoPending(), SlowPresence(), Hub(), lambda *_: NoSubscriber(), None)
+    frames: list[dict] = []
+
+    async def send(frame: bytes) -> None:
+        frames.append(json.loads(frame))
+
+    async def close(code: int, reason: str) -> None:
+        pass
+
+    rel = uuid.uuid4()
+    conn = Connection(rel, "partner_a", send=send, close=close, on_delivered=print, limit=16)
+    gateway.hub.add(conn)
+    channel = f"{settings.presence_prefix}{rel}"
+    greeting = asyncio.create_task(gateway._greet(conn))
+    await asyncio.wait_for(read_started.wait(), 5)
+    gateway.on_message(channel, b'{"partner":"partner_b","online":true}')
+    release_read.set()
+    await asyncio.wait_for(greeting, 5)
+    gateway.on_message(channel, b'{"partner":"partner_b","online":false}')
+    await eventually(lambda: len(frames) >= 2 and not frames[-1]["online"], timeout=2)
+    assert [f["type"] for f in frames] == ["presence"] * len(frames)
+    assert frames[-1] == {"type": "presence", "partner": "partner_b", "online": False}

@@ -462,6 +462,10 @@ async def test_a_gesture_sent_with_a_suggestion_is_ai_generated_with_its_context
         "source": "builtin",
         "context_used": suggestion["context_used"],
     }
+    # Both partners see it on the gesture, as sent and as stored.
+    assert g["ai_context_used"] == stored and got["ai_context_used"] == stored
+    plain = await send(api, couple.id, couple.a_headers, message="no suggestion")
+    assert plain["ai_context_used"] is None
 
 
 async def test_a_client_cannot_write_ai_context_used(api, couple, db):
