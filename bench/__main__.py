@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster]`.
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster]`,
+and `python -m bench chaos [--quick]` (see `bench/chaos.py`).
 
 Starts its own database, two service processes and the load generators, runs the steps,
 prints a table per step, writes every figure as JSON, and cleans up even on Ctrl-C.
@@ -57,6 +58,10 @@ def _machine() -> dict:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["chaos"]:
+        from . import chaos
+
+        return chaos.main(sys.argv[2:])
     ap = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="small and short: under 2 minutes")
     ap.add_argument("--out", default="bench/results/latest.json", help="where the JSON goes")

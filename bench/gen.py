@@ -19,6 +19,7 @@ Modes:
   loop at a rate with stamped messages.
 * `ceiling`: the bare loop: INSERT one row per transaction with asyncpg + Redis PUBLISH.
 * `redis_pub`: publish `gesture.sent` events straight to Redis at a rate.
+* `chaos`: the chaos run's couples (`bench/chaos_load.py`).
 
 A stamp is the message `b|TAG|GEN.SEQ|EPOCH`: receivers compute latency as time.time() at
 receipt minus EPOCH; all processes share the machine's clock.
@@ -554,7 +555,19 @@ async def run_redis_pub(cfg: dict) -> None:
     emit({"event": "stopped"})
 
 
-MODES = {"ws": run_ws, "http": run_http, "ceiling": run_ceiling, "redis_pub": run_redis_pub}
+async def run_chaos(cfg: dict) -> None:
+    from .chaos_load import run_chaos as run
+
+    await run(cfg)
+
+
+MODES = {
+    "ws": run_ws,
+    "http": run_http,
+    "ceiling": run_ceiling,
+    "redis_pub": run_redis_pub,
+    "chaos": run_chaos,
+}
 
 
 def main() -> None:

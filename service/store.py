@@ -124,12 +124,20 @@ async def connection(pool: Pool, timeout: float = 5.0) -> AsyncIterator[Connecti
     except (*_UNAVAILABLE, errors.Unavailable) as exc:
         # After a timeout asyncpg sends a CancelRequest and `release` waits for it: another
         # `timeout` against a PostgreSQL that does not answer. Drop the connection instead.
-        conn.terminate()
+        _drop(conn)
         if isinstance(exc, errors.Unavailable):
             raise
         raise errors.Unavailable("PostgreSQL is unavailable") from exc
     finally:
         await pool.release(conn)
+
+
+def _drop(conn: Connection) -> None:
+    """Close a connection that PostgreSQL stopped answering on. One that was lost mid-query
+    asyncpg has already closed and handed back to the pool, and its proxy then refuses every
+    call, terminate included: that InterfaceError was a 500 (bench chaos, PostgreSQL cut)."""
+    with contextlib.suppress(asyncpg.InterfaceError):
+        conn.terminate()
 
 
 @contextlib.asynccontextmanager
@@ -141,7 +149,7 @@ async def atomic(conn: Connection) -> AsyncIterator[Connection]:
             try:
                 yield conn
             except _UNAVAILABLE:
-                conn.terminate()  # ROLLBACK would wait too; closing aborts the transaction
+                _drop(conn)  # ROLLBACK would wait too; closing aborts the transaction
                 raise
     except _UNAVAILABLE as exc:
         raise errors.Unavailable("PostgreSQL is unavailable") from exc

@@ -265,3 +265,34 @@ async def test_postgres_unreachable_answers_503_within_5_seconds_then_recovers(
     finally:
         await conn.close()
     assert n == 1  # the refused send left nothing behind
+
+
+async def test_a_connection_lost_mid_query_is_unavailable_not_an_internal_error(
+    pg_proxy, database_url
+):
+    """The chaos run's PostgreSQL cut: a query in flight when the connection drops raised
+    InterfaceError from the cleanup (a 500) instead of Unavailable (a 503)."""
+    from service import errors, store
+
+    pool = await store.create_pool(pg_proxy.dsn(database_url), min_size=1, max_size=2, timeout=5)
+    watcher = await asyncpg.connect(database_url)
+    marker = f"mid-query {uuid.uuid4()}"
+
+    async def on_the_server() -> bool:
+        return await watcher.fetchval(
+            "SELECT count(*) > 0 FROM pg_stat_activity WHERE query LIKE $1", f"%{marker}%"
+        )
+
+    try:
+        with pytest.raises(errors.Unavailable):
+            async with store.connection(pool) as conn:
+                query = asyncio.ensure_future(conn.fetchval(f"SELECT pg_sleep(3), '{marker}'"))
+                await eventually(on_the_server)
+                await pg_proxy.cut()
+                await query
+        await pg_proxy.restore()
+        async with store.connection(pool) as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await watcher.close()
+        await pool.close()
