@@ -660,7 +660,7 @@ FROM w LEFT JOIN LATERAL (
         count(response_gesture_id) AS answered,
         percentile_cont(0.5) WITHIN GROUP (
             ORDER BY greatest(0, extract(epoch FROM acknowledged_at - sent_at))::float8
-        ) AS median
+        ) FILTER (WHERE acknowledged_at IS NOT NULL) AS median
     FROM connection_gestures
     WHERE relationship_id = $1 AND sent_at >= w.since
     GROUP BY sent_by
