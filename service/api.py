@@ -20,14 +20,16 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from . import errors
+from . import errors, metrics
 from .auth import Caller, bearer
 from .gestures import Gestures
 from .schemas import (
@@ -59,6 +61,8 @@ from .schemas import (
 from .validation import describe
 
 log = logging.getLogger(__name__)
+
+DEMO = Path(__file__).resolve().parent / "demo"
 
 _STATUS: dict[type[errors.ServiceError], int] = {
     errors.Invalid: 422,
@@ -398,9 +402,15 @@ def _wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def routes() -> list[Route]:
-    table = [Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS]
+def routes() -> list[Route | Mount]:
+    table: list[Route | Mount] = [
+        Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS
+    ]
     table.append(Route("/openapi.json", openapi_endpoint, methods=["GET"]))
+    table.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    # The demo page at /demo, its scripts and styles under /demo/ (see docs/operations.md).
+    table.append(Route("/demo", demo_page, methods=["GET"]))
+    table.append(Mount("/demo", StaticFiles(directory=DEMO), name="demo"))
     return table
 
 
@@ -501,3 +511,26 @@ def openapi() -> dict:
 
 async def openapi_endpoint(request: Request) -> Response:
     return Response(request.state.openapi, media_type="application/json")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """This process's metrics in Prometheus text format (see `metrics`)."""
+    await request.state.sample_metrics()
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"Content-Type": content_type})
+
+
+async def demo_page(request: Request) -> Response:
+    # The page's tokens travel in the URL's fragment, which no request carries; and the
+    # page is told not to leak its address to the scripts' and styles' requests either.
+    return FileResponse(
+        DEMO / "index.html",
+        headers={
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": (
+                "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                "frame-ancestors 'none'"
+            ),
+        },
+    )

@@ -10,6 +10,11 @@ decides who may do what.
   gesture and their events are one transaction.
 * Every committed change writes its event to the outbox in the same transaction; the
   `Publisher` puts it on Redis after commit.
+* Access ends with the relationship: `PUT /api/relationships/{id}` is answered only after its
+  `RelationshipChanged` went out on the control channel (or, Redis away, sits in the
+  outbox for the relay). Every process drops its cached row on receipt, and `may_stay`
+  says which of its sockets must close. Redis delivers in order, so every event published
+  after the answer reaches a process after the change.
 * Suggestions: rate limited per sender (the same sliding window, its own key); remembered
   in PostgreSQL for an hour, so a gesture sent with the `suggestion_id` by the same sender
   in the same relationship is stored with `ai_generated` and the context the service
@@ -20,6 +25,7 @@ decides who may do what.
 import asyncio
 import base64
 import binascii
+import functools
 import json
 import logging
 import math
@@ -29,11 +35,11 @@ import zoneinfo
 from datetime import UTC, datetime, tzinfo
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from . import errors, store, suggestions
+from . import errors, metrics, store, suggestions
 from .auth import Caller, role_of
-from .bus import Publisher, channel_for
+from .bus import REDIS_ERRORS, Publisher, channel_for, control_channel
 from .config import Settings
 from .presence import Presence
 from .schemas import (
@@ -48,6 +54,7 @@ from .schemas import (
     PerPartnerSeconds,
     RecentPage,
     Relationship,
+    RelationshipChanged,
     SendResult,
     Stats,
     Suggestion,
@@ -95,6 +102,22 @@ class _Sent:
         self.outbox = outbox
 
 
+def _counted(send):
+    """Count every send by its outcome (metrics.SENDS), whichever edge it came through."""
+
+    @functools.wraps(send)
+    async def counted(*args, **kwargs):
+        try:
+            result = await send(*args, **kwargs)
+        except errors.ServiceError as exc:
+            metrics.SEND_OUTCOME.get(exc.code, metrics.SEND_OUTCOME["invalid"]).inc()
+            raise
+        metrics.SEND_OUTCOME["ok" if result[1] else "replay"].inc()
+        return result
+
+    return counted
+
+
 class Gestures:
     def __init__(
         self,
@@ -116,6 +139,9 @@ class Gestures:
         self._rate_limit = redis.register_script(_RATE_LIMIT)
         self._relationships: dict[uuid.UUID, tuple[float, Relationship]] = {}
         self._relationship_ttl = relationship_ttl
+        # Relationship changes applied so far: a row read while one arrived is not cached
+        # (it may predate the change), and a socket admitted meanwhile is checked again.
+        self.changes = 0
         self._sends: store.GroupCommit[_SendItem, _Sent | errors.ServiceError] = store.GroupCommit(
             pool, self._commit_sends, after_commit=self._publish_sends, timeout=self._timeout
         )
@@ -140,10 +166,11 @@ class Gestures:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
+        changes = self.changes
         async with store.connection(self._pool, self._timeout) as conn:
             found = await store.get_relationship(conn, relationship_id)
         complete = found is not None and found.partner_a_id and found.partner_b_id
-        if complete and self._relationship_ttl > 0:
+        if complete and self._relationship_ttl > 0 and changes == self.changes:
             if len(self._relationships) > 100_000:
                 self._relationships.clear()
             self._relationships[relationship_id] = (now + self._relationship_ttl, found)
@@ -159,13 +186,57 @@ class Gestures:
             raise errors.Forbidden("only a service token may create or change relationships")
         if a is not None and a == b:
             raise errors.Invalid("partner_b_id: must differ from partner_a_id")
-        async with store.connection(self._pool, self._timeout) as conn:
+        async with store.transaction(self._pool, self._timeout) as conn:
             found = await store.put_relationship(conn, relationship_id, a, b)
-        self._relationships.pop(relationship_id, None)
+            change = encoder.encode(RelationshipChanged(relationship=found))
+            rows = await store.add_outbox(
+                conn, [(control_channel(self._settings.presence_prefix), change)]
+            )
+        self.relationship_changed(found)
+        # Answered only once Redis took it: an event published after this answer reaches
+        # every subscriber after the change. Redis away: the commit stands, the relay
+        # publishes the change later, and each process re-checks its sockets when its
+        # subscription comes back (`reload_relationships`).
+        if not await self._publisher.publish_now(rows):
+            log.warning(
+                "relationship change not published yet; the outbox relay will",
+                extra={"relationship_id": str(relationship_id)},
+            )
         return found
+
+    def relationship_changed(self, relationship: Relationship) -> None:
+        """A relationship's row changed (here or on another process): forget the cached row
+        now, not after its TTL; the next request reads the new one."""
+        self._relationships.pop(relationship.id, None)
+        self.changes += 1
+
+    async def reload_relationships(
+        self, relationship_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, Relationship | None]:
+        """After a broken subscription, changes may have been missed: forget every cached
+        row, and read these relationships afresh."""
+        self._relationships.clear()
+        self.changes += 1
+        if not relationship_ids:
+            return {}
+        async with store.connection(self._pool, self._timeout) as conn:
+            found = await store.get_relationships(conn, relationship_ids)
+        return {rid: found.get(rid) for rid in relationship_ids}
+
+    @staticmethod
+    def may_stay(relationship: Relationship | None, user_id: str | None, role: str) -> bool:
+        """Whether a socket opened by `user_id` (None: a service token, which acts for a
+        role and stays) as `role` may stay open in `relationship` as it now is."""
+        if user_id is None:
+            return True
+        if relationship is None:
+            return False
+        held = relationship.partner_a_id if role == "partner_a" else relationship.partner_b_id
+        return held == user_id
 
     # ------------------------------------------------------------------ sending
 
+    @_counted
     async def send(
         self,
         caller: Caller,
@@ -217,7 +288,9 @@ class Gestures:
         """Count one send against the sender's limit (RateLimited past it); and whether
         `recipient` is online, in the same round trip. Redis away: admitted, offline."""
         limit = self._settings.rate_limit_per_minute
-        key = f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"
+        # Hash-tagged by relationship: on a cluster the key lives in the relationship's slot,
+        # beside its presence keys, so this pipeline goes to one shard.
+        key = f"{self._settings.channel_prefix}rate:{{{relationship_id}}}:{role}"
 
         def online(pipe) -> None:
             if recipient is not None:
@@ -233,10 +306,11 @@ class Gestures:
         args = (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex)
         try:
             for attempt in (1, 2):
-                # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
-                # before every execute, a round trip per send.
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(self._rate_limit.sha, 1, key, *args)
+                    # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
+                    # before every execute, a round trip per send. And as a plain command: on
+                    # a cluster redis-py refuses `pipe.evalsha`, yet routes this by its key.
+                    pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, key, *args)
                     if more is not None:
                         more(pipe)
                     try:
@@ -246,7 +320,7 @@ class Gestures:
                         if attempt == 2:
                             raise
                         await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("rate limit unavailable, admitting", extra={"error": repr(exc)})
             return None
         wait_ms = int(results[0])
@@ -487,9 +561,12 @@ class Gestures:
         gestures = await self.pending_for(relationship_id, role)
         return GestureList(gestures=gestures, count=len(gestures))
 
-    async def pending_for(self, relationship_id: uuid.UUID, role: str) -> list[Gesture]:
+    async def pending_for(
+        self, relationship_id: uuid.UUID, role: str, limit: int | None = None
+    ) -> list[Gesture]:
+        """What waits for `role`, oldest first: all of it, or the first `limit`."""
         async with store.connection(self._pool, self._timeout) as conn:
-            return await store.pending(conn, relationship_id, role)
+            return await store.pending(conn, relationship_id, role, limit)
 
     async def recent(
         self, caller: Caller, relationship_id: uuid.UUID, limit: int, before: str | None

@@ -9,7 +9,7 @@ default, so two versions of the service can share Redis during a deploy.
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -65,6 +65,9 @@ class Gesture(Struct, kw_only=True):
     acknowledged_at: datetime | None
     acknowledged_by: str | None
     response_gesture_id: uuid.UUID | None
+    # What a suggested note drew on ({suggestion_id, source, context_used}) when the gesture
+    # was sent with a `suggestion_id`; null otherwise. Written by the service only.
+    ai_context_used: dict[str, Any] | None = None
 
 
 class Relationship(Struct, kw_only=True):
@@ -305,6 +308,14 @@ class GestureAcknowledged(_Event, tag="gesture.acknowledged"):
 Event = GestureSent | GestureDelivered | GestureAcknowledged
 
 
+class RelationshipChanged(Struct, tag_field="event", tag="relationship.changed", kw_only=True):
+    """Internal, on the control channel: a relationship's row after `PUT /api/relationships`.
+    Every process drops its cached row and closes the sockets of a partner who left."""
+
+    v: int = 1
+    relationship: Relationship
+
+
 class PresenceChange(Struct, kw_only=True):
     """Internal, on the presence channel: a partner's first connection opened or last closed."""
 
@@ -323,6 +334,7 @@ frame_decoder = msgspec.json.Decoder(ClientFrame)
 envelope_decoder = msgspec.json.Decoder(FrameEnvelope)
 event_decoder = msgspec.json.Decoder(Event)
 presence_decoder = msgspec.json.Decoder(PresenceChange)
+control_decoder = msgspec.json.Decoder(RelationshipChanged)
 
 # What hostile input can make a msgspec decoder raise besides its own errors.
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)

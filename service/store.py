@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import msgspec
 
 from . import errors
 from .schemas import Gesture, Relationship
@@ -35,7 +36,8 @@ Pool = asyncpg.Pool
 
 GESTURE_COLUMNS = """id, relationship_id, gesture_type, sent_by, message,
     coalesce(ai_generated, false) AS ai_generated, sent_at, delivered_at,
-    acknowledged_at, acknowledged_by, response_gesture_id"""
+    acknowledged_at, acknowledged_by, response_gesture_id,
+    nullif(ai_context_used, '{}'::jsonb)::text AS ai_context_used"""
 
 # Failures that mean "PostgreSQL is not there", as opposed to a bug or a constraint.
 _UNAVAILABLE = (
@@ -63,7 +65,16 @@ def _gesture(r: asyncpg.Record) -> Gesture:
         acknowledged_at=r["acknowledged_at"],
         acknowledged_by=r["acknowledged_by"],
         response_gesture_id=r["response_gesture_id"],
+        ai_context_used=_context(r["ai_context_used"]),
     )
+
+
+def _context(text: str | None) -> dict | None:
+    """The `ai_context_used` column as the gesture shows it: an object, or None."""
+    if text is None:
+        return None
+    value = msgspec.json.decode(text)
+    return value if isinstance(value, dict) and value else None
 
 
 # ---------------------------------------------------------------------------- pool
@@ -227,6 +238,17 @@ async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Rela
     return None if r is None else Relationship(**dict(r))
 
 
+async def get_relationships(
+    conn: Connection, relationship_ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Relationship]:
+    rows = await conn.fetch(
+        """SELECT id, partner_a_id, partner_b_id, created_at FROM relationships
+        WHERE id = any($1::uuid[])""",
+        relationship_ids,
+    )
+    return {r["id"]: Relationship(**dict(r)) for r in rows}
+
+
 async def put_relationship(
     conn: Connection, relationship_id: uuid.UUID, partner_a_id: str | None, partner_b_id: str | None
 ) -> Relationship:
@@ -294,6 +316,7 @@ class NewGesture:
             acknowledged_at=None,
             acknowledged_by=None,
             response_gesture_id=None,
+            ai_context_used=_context(self.ai_context_used),
         )
 
 
@@ -441,14 +464,18 @@ async def get_gestures(conn: Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.
     return {r["id"]: _gesture(r) for r in rows}
 
 
-async def pending(conn: Connection, relationship_id: uuid.UUID, recipient: str) -> list[Gesture]:
-    """Unacknowledged gestures sent to `recipient`, oldest first."""
+async def pending(
+    conn: Connection, relationship_id: uuid.UUID, recipient: str, limit: int | None = None
+) -> list[Gesture]:
+    """Unacknowledged gestures sent to `recipient`, oldest first; the first `limit` of
+    them when given (LIMIT NULL is no limit)."""
     rows = await conn.fetch(
         f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
         WHERE relationship_id = $1 AND sent_by <> $2 AND acknowledged_at IS NULL
-        ORDER BY sent_at, id""",
+        ORDER BY sent_at, id LIMIT $3""",
         relationship_id,
         recipient,
+        limit,
     )
     return [_gesture(r) for r in rows]
 
@@ -658,6 +685,7 @@ FROM w LEFT JOIN LATERAL (
         count(*) AS total,
         count(acknowledged_at) AS acknowledged,
         count(response_gesture_id) AS answered,
+        -- Of the acknowledged only: greatest(0, NULL) is 0, not NULL.
         percentile_cont(0.5) WITHIN GROUP (
             ORDER BY greatest(0, extract(epoch FROM acknowledged_at - sent_at))::float8
         ) FILTER (WHERE acknowledged_at IS NOT NULL) AS median
@@ -762,6 +790,22 @@ async def take_outbox(conn: Connection, min_age: float, limit: int) -> list[Outb
 
 async def delete_outbox(conn: Connection, ids: Sequence[int]) -> None:
     await conn.execute("DELETE FROM gesture_outbox WHERE id = any($1::bigint[])", ids)
+
+
+async def outbox_backlog(conn: Connection) -> tuple[int, float]:
+    """Rows in the outbox, and the age in seconds of the oldest (0 when empty)."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n,
+        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
+        FROM gesture_outbox"""
+    )
+    return row["n"], row["oldest"]
+
+
+def pool_usage(pool: Pool) -> tuple[int, int, int]:
+    """(connections lent out, connections open, the most it may open) of the pool."""
+    size = pool.get_size()
+    return size - pool.get_idle_size(), size, pool.get_max_size()
 
 
 # ---------------------------------------------------------------------------- group commit

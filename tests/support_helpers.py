@@ -36,6 +36,7 @@ GESTURE_FIELDS = {
     "acknowledged_at",
     "acknowledged_by",
     "response_gesture_id",
+    "ai_context_used",  # added to the contract's fields: a suggestion's context, or null
 }
 
 

@@ -1,223 +1,187 @@
-"""Section 4b: the couple's statistics, in SQL on the relationship's indexes."""
+"""`GET /api/gestures/stats`: the couple's statistics of CONTRACT 4b, computed in SQL over the
+relationship's rows (never the whole table), with the access rules of `recent`."""
 
+import asyncio
 import json
 import uuid
-from datetime import datetime, timedelta
+from collections.abc import Iterator
 
 import asyncpg
+import httpx
 import pytest
 
 from service import store
 
-from .conftest import bearer, make_couple, token
-from .support_helpers import assert_error, assert_iso_utc, send
+from .conftest import Couple, create_database, drop_database, token
+from .support_helpers import assert_error
 
 pytestmark = pytest.mark.anyio
 
-
-async def insert(
-    db: asyncpg.Connection,
-    relationship_id: uuid.UUID,
-    sent_by: str,
-    gesture_type: str,
-    sent_at: datetime,
-    acknowledged_after: float | None = None,
-    response_id: uuid.UUID | None = None,
-    gesture_id: uuid.UUID | None = None,
-) -> uuid.UUID:
-    gesture_id = gesture_id or uuid.uuid4()
-    acknowledged_at = None
-    if acknowledged_after is not None:
-        acknowledged_at = sent_at + timedelta(seconds=acknowledged_after)
-    await db.execute(
-        """INSERT INTO connection_gestures (id, relationship_id, gesture_type, sent_by, sent_at,
-            acknowledged_at, acknowledged_by, response_gesture_id)
-        VALUES ($1, $2, $3, $4, $5, $6, $7, $8)""",
-        gesture_id,
-        relationship_id,
-        gesture_type,
-        sent_by,
-        sent_at,
-        acknowledged_at,
-        None
-        if acknowledged_at is None
-        else ("partner_b" if sent_by == "partner_a" else "partner_a"),
-        response_id,
-    )
-    return gesture_id
+# Partner A: a hug 2 days ago, acknowledged by B after 40 s with a kiss sent back; a hug a day
+# ago, acknowledged after 60 s; a thinking-of-you now, not yet acknowledged; a kiss 40 days ago.
+HISTORY = [
+    """INSERT INTO connection_gestures (id, relationship_id, gesture_type, sent_by, sent_at)
+    VALUES ($2, $1, 'kiss', 'partner_b', now() - interval '2 days' + interval '40 seconds')""",
+    """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by, sent_at,
+        acknowledged_at, acknowledged_by, response_gesture_id)
+    VALUES ($1, 'hug', 'partner_a', now() - interval '2 days',
+        now() - interval '2 days' + interval '40 seconds', 'partner_b', $2)""",
+    """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by, sent_at,
+        acknowledged_at, acknowledged_by)
+    VALUES ($1, 'hug', 'partner_a', now() - interval '1 day',
+            now() - interval '1 day' + interval '60 seconds', 'partner_b'),
+        ($1, 'thinking_of_you', 'partner_a', now(), NULL, NULL),
+        ($1, 'kiss', 'partner_a', now() - interval '40 days', NULL, NULL)""",
+]
 
 
-async def stats(api, couple, headers=None, **params):
+async def write_history(db: asyncpg.Connection, couple: Couple) -> None:
+    response = uuid.uuid4()
+    async with db.transaction():
+        for sql in HISTORY:
+            await db.execute(sql, *((couple.id, response) if "$2" in sql else (couple.id,)))
+
+
+async def stats(api: httpx.AsyncClient, couple: Couple, headers=None, **params) -> httpx.Response:
     return await api.get(
         "/api/gestures/stats",
         params={"relationship_id": str(couple.id), **params},
-        headers=headers or couple.a_headers,
+        headers=couple.a_headers if headers is None else headers,
     )
 
 
-async def test_stats_count_each_partners_gestures_acknowledgements_send_backs_and_median(
-    api, couple, db
+async def test_stats_count_what_each_partner_sent_acknowledged_and_sent_back(
+    api: httpx.AsyncClient, couple: Couple, db: asyncpg.Connection
 ):
-    now = await db.fetchval("SELECT now()")
-    hour = timedelta(hours=1)
-    # partner_b answers the first hug with a hug of its own.
-    response = await insert(db, couple.id, "partner_b", "hug", now - hour + timedelta(seconds=10))
-    await insert(db, couple.id, "partner_a", "hug", now - hour, 10, response)
-    await insert(db, couple.id, "partner_a", "hug", now - 2 * hour, 30)
-    await insert(db, couple.id, "partner_a", "kiss", now - 3 * hour, 20)
-    await insert(db, couple.id, "partner_b", "kiss", now - 5 * hour)
-    await insert(db, couple.id, "partner_a", "thinking_of_you", now - timedelta(days=40), 5)
-
+    await write_history(db, couple)
     r = await stats(api, couple)
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["relationship_id"] == str(couple.id) and body["days"] == 30
-    since = assert_iso_utc(body["since"])
-    assert abs((now - timedelta(days=30) - since).total_seconds()) < 60
     assert body["sent"] == {
-        "partner_a": {"hug": 2, "kiss": 1, "thinking_of_you": 0, "total": 3},
-        "partner_b": {"hug": 1, "kiss": 1, "thinking_of_you": 0, "total": 2},
+        "partner_a": {"hug": 2, "kiss": 0, "thinking_of_you": 1, "total": 3},
+        "partner_b": {"hug": 0, "kiss": 1, "thinking_of_you": 0, "total": 1},
     }
-    assert body["acknowledged"] == {"partner_a": 3, "partner_b": 0}
+    assert body["acknowledged"] == {"partner_a": 2, "partner_b": 0}
     assert body["sent_back"] == {"partner_a": 0, "partner_b": 1}
-    assert body["median_seconds_to_acknowledge"] == {"partner_a": 20.0, "partner_b": None}
-    assert body["streak_days"] in (1, 2)  # the last 5 hours may straddle midnight UTC
-
-    # A longer window takes in the old one.
-    old = (await stats(api, couple, days=60)).json()
-    assert old["sent"]["partner_a"]["thinking_of_you"] == 1
-    assert old["sent"]["partner_a"]["total"] == 4
-    assert old["median_seconds_to_acknowledge"]["partner_a"] == 15.0
+    assert body["median_seconds_to_acknowledge"] == {"partner_a": 50.0, "partner_b": None}
+    assert body["streak_days"] == 3  # today, yesterday, the day before; not 40 days ago
+    # Either partner reads the same figures.
+    as_b = (await stats(api, couple, couple.b_headers)).json()
+    assert {**as_b, "since": None} == {**body, "since": None}  # `since` is each request's own
 
 
-async def test_a_couple_with_no_gesture_gets_zeros_and_nulls(api, couple):
-    body = (await stats(api, couple, days=7)).json()
+async def test_stats_cover_only_the_last_days_asked_for(
+    api: httpx.AsyncClient, couple: Couple, db: asyncpg.Connection
+):
+    await write_history(db, couple)
+    body = (await stats(api, couple, days=1)).json()
+    assert body["sent"]["partner_a"] == {"hug": 0, "kiss": 0, "thinking_of_you": 1, "total": 1}
+    assert body["sent"]["partner_b"]["total"] == 0
+    assert body["median_seconds_to_acknowledge"] == {"partner_a": None, "partner_b": None}
+    wide = (await stats(api, couple, days=365)).json()
+    assert wide["sent"]["partner_a"]["kiss"] == 1  # the one of 40 days ago
+
+
+async def test_a_couple_with_no_gesture_gets_zeros_and_no_streak(
+    api: httpx.AsyncClient, couple: Couple
+):
+    body = (await stats(api, couple)).json()
     zero = {"hug": 0, "kiss": 0, "thinking_of_you": 0, "total": 0}
     assert body["sent"] == {"partner_a": zero, "partner_b": zero}
-    assert body["acknowledged"] == body["sent_back"] == {"partner_a": 0, "partner_b": 0}
-    assert body["median_seconds_to_acknowledge"] == {"partner_a": None, "partner_b": None}
-    assert body["streak_days"] == 0 and body["days"] == 7
+    assert body["acknowledged"] == {"partner_a": 0, "partner_b": 0}
+    assert body["streak_days"] == 0
 
 
-async def test_the_streak_counts_consecutive_utc_days_ending_today_or_yesterday(
-    api, database_url, db
-):
-    now = await db.fetchval("SELECT now()")
-    day = timedelta(days=1)
-    cases = {
-        # days ago on which either partner sent something -> expected streak
-        (0, 1, 2, 4): 3,
-        (1, 2): 2,  # ending yesterday still counts
-        (0,): 1,
-        (2, 3, 4): 0,  # nothing today or yesterday
-        (0, 0, 1, 3): 2,
-    }
-    for days_ago, expected in cases.items():
-        couple = await make_couple(database_url)
-        for i, n in enumerate(days_ago):
-            await insert(db, couple.id, ("partner_a", "partner_b")[i % 2], "hug", now - n * day)
-        body = (await stats(api, couple)).json()
-        assert body["streak_days"] == expected, days_ago
-
-
-async def test_stats_follow_real_sends_acknowledgements_and_send_backs(api, couple):
-    g = await send(api, couple.id, couple.a_headers, gesture_type="kiss")
-    r = await api.post(
-        "/api/gestures/acknowledge",
-        json={"gesture_id": g["id"], "acknowledged_by": "partner_b", "send_back": True},
-        headers=couple.b_headers,
-    )
-    assert r.status_code == 200
-    await send(api, couple.id, couple.b_headers, gesture_type="thinking_of_you")
-    body = (await stats(api, couple, headers=couple.b_headers)).json()
-    assert body["sent"]["partner_a"] == {"hug": 0, "kiss": 1, "thinking_of_you": 0, "total": 1}
-    # The response gesture is a kiss sent by partner_b.
-    assert body["sent"]["partner_b"] == {"hug": 0, "kiss": 1, "thinking_of_you": 1, "total": 2}
-    assert body["acknowledged"] == {"partner_a": 1, "partner_b": 0}
-    assert body["sent_back"] == {"partner_a": 0, "partner_b": 1}
-    assert body["median_seconds_to_acknowledge"]["partner_a"] >= 0
-    assert body["streak_days"] == 1
-
-
-async def test_stats_have_the_access_rules_of_recent(api, couple):
-    outsider = bearer(token("stranger-" + uuid.uuid4().hex[:8]))
-    assert_error(await stats(api, couple, headers=outsider), 403)
-    missing = await api.get(
-        "/api/gestures/stats",
-        params={"relationship_id": str(uuid.uuid4())},
-        headers=couple.a_headers,
-    )
-    assert_error(missing, 403)
-    assert (await stats(api, couple, headers=couple.b_headers)).status_code == 200
-    assert (await stats(api, couple, headers=bearer(token(service=True)))).status_code == 200
-    assert_error(
-        await api.get("/api/gestures/stats", params={"relationship_id": str(couple.id)}), 401
-    )
-    for days in ("0", "366", "x", "-1"):
-        assert_error(await stats(api, couple, days=days), 422, "days", case=days)
-    r = await api.get(
-        "/api/gestures/stats", params={"relationship_id": "nope"}, headers=couple.a_headers
-    )
-    assert_error(r, 422, "relationship_id")
+async def test_stats_have_the_access_rules_of_recent(api: httpx.AsyncClient, couple: Couple):
+    stranger = {"Authorization": f"Bearer {token('stranger-' + uuid.uuid4().hex[:8])}"}
+    assert_error(await stats(api, couple, stranger), 403)
+    missing = Couple()  # never inserted: no such relationship
+    assert_error(await stats(api, missing, couple.a_headers), 403)
+    service = {"Authorization": f"Bearer {token(service=True)}"}
+    assert (await stats(api, couple, service)).status_code == 200
+    for days in ("0", "366", "a week"):
+        assert_error(await stats(api, couple, days=days), 422, "days", days)
+    r = await api.get("/api/gestures/stats", params={"relationship_id": str(couple.id)})
+    assert_error(r, 401)
 
 
 # ---------------------------------------------------------------------------- the plan
 
 
-def _scans(plan: dict) -> list[tuple[str, str | None]]:
-    """(node type, relation) of every scan node in an EXPLAIN (FORMAT JSON) plan."""
+@pytest.fixture(scope="module")
+def big_database(pg_admin_dsn: str) -> Iterator[str]:
+    """A database of its own with 100,000 gestures for one couple among 200,000 others."""
+    dsn = create_database(pg_admin_dsn)
+
+    async def fill() -> None:
+        conn = await asyncpg.connect(dsn)
+        try:
+            await conn.execute(
+                """INSERT INTO relationships (id, partner_a_id, partner_b_id)
+                   SELECT md5(i::text)::uuid, 'a' || i, 'b' || i FROM generate_series(0, 199) i
+                   UNION ALL SELECT $1, 'big-a', 'big-b'""",
+                BIG_COUPLE,
+            )
+            await conn.execute(
+                """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by,
+                       sent_at, acknowledged_at)
+                   SELECT CASE WHEN i % 3 = 0 THEN $1::uuid
+                               ELSE md5((i % 200)::text)::uuid END,
+                          (ARRAY['hug', 'kiss', 'thinking_of_you'])[1 + i % 3],
+                          CASE WHEN i % 2 = 0 THEN 'partner_a' ELSE 'partner_b' END,
+                          now() - i * interval '90 seconds',
+                          CASE WHEN i % 5 = 0 THEN now() - i * interval '80 seconds' END
+                   FROM generate_series(1, 300000) AS i""",
+                BIG_COUPLE,
+            )
+            await conn.execute("ANALYZE connection_gestures")
+        finally:
+            await conn.close()
+
+    asyncio.run(fill())
+    yield dsn
+    drop_database(pg_admin_dsn, dsn)
+
+
+BIG_COUPLE = uuid.uuid4()
+
+
+def _scans(plan: object) -> list[tuple[str, str | None]]:
+    """(node type, index name) of every scan of connection_gestures in a JSON plan."""
     found = []
-    if "Scan" in plan["Node Type"]:
-        found.append((plan["Node Type"], plan.get("Relation Name")))
-    for child in plan.get("Plans", ()):
-        found.extend(_scans(child))
+    stack = [plan]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("Relation Name") == "connection_gestures":
+                found.append((node["Node Type"], node.get("Index Name")))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
     return found
 
 
-async def test_a_couple_with_100000_gestures_is_not_read_by_scanning_the_table(fresh_database):
-    """EXPLAIN of the statistics and the streak: index scans of the couple's rows only,
-    whatever the size of their history or of the table."""
-    conn = await asyncpg.connect(fresh_database)
+@pytest.mark.parametrize("query", ["stats", "streak"])
+async def test_a_couple_with_100000_gestures_is_read_by_index_not_by_scanning_the_table(
+    big_database: str, query: str
+):
+    sql, args = {
+        "stats": (store.STATS_SQL, (BIG_COUPLE, 30)),
+        "streak": (store.STREAK_SQL, (BIG_COUPLE,)),
+    }[query]
+    conn = await asyncpg.connect(big_database)
     try:
-        await store.apply_migrations(conn, lambda _: None)
-        heavy = uuid.uuid4()
-        others = [uuid.uuid4() for _ in range(200)]
-        await conn.execute(
-            "INSERT INTO relationships (id) SELECT unnest($1::uuid[])", [heavy, *others]
+        assert (
+            await conn.fetchval(
+                "SELECT count(*) FROM connection_gestures WHERE relationship_id = $1", BIG_COUPLE
+            )
+            == 100_000
         )
-        # 100,000 gestures over three years for one couple; 20,000 more for 200 others.
-        await conn.execute(
-            """INSERT INTO connection_gestures
-                (relationship_id, gesture_type, sent_by, sent_at, acknowledged_at)
-            SELECT $1, (ARRAY['hug','kiss','thinking_of_you'])[1 + i % 3],
-                (ARRAY['partner_a','partner_b'])[1 + i % 2],
-                now() - (i * interval '15 minutes'), now() - (i * interval '15 minutes')
-                    + interval '1 minute'
-            FROM generate_series(1, 100000) AS i""",
-            heavy,
-        )
-        await conn.execute(
-            """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by, sent_at)
-            SELECT ($1::uuid[])[1 + i % 200], 'hug', 'partner_a', now() - i * interval '7 minutes'
-            FROM generate_series(1, 20000) AS i""",
-            others,
-        )
-        await conn.execute("ANALYZE connection_gestures")
-        for days in (30, 90):
-            plan = json.loads(
-                await conn.fetchval(f"EXPLAIN (FORMAT JSON) {store.STATS_SQL}", heavy, days)
-            )[0]["Plan"]
-            scans = _scans(plan)
-            assert ("Seq Scan", "connection_gestures") not in scans, (days, scans)
-            assert any(r == "connection_gestures" for _, r in scans), scans
-        plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {store.STREAK_SQL}", heavy))[
-            0
-        ]["Plan"]
-        scans = _scans(plan)
-        assert ("Seq Scan", "connection_gestures") not in scans, scans
-        # And the answer is right: a gesture every 15 minutes, three years long.
-        _, per = await store.stats(conn, heavy, 30)
-        assert per["partner_a"].total + per["partner_b"].total in (2879, 2880)
-        assert await store.streak_days(conn, heavy) > 1000
+        plan = json.loads(await conn.fetchval(f"EXPLAIN (FORMAT JSON) {sql}", *args))
     finally:
         await conn.close()
+    scans = _scans(plan)
+    assert scans, plan
+    assert all(kind != "Seq Scan" for kind, _ in scans), scans
+    assert all(index is not None for _, index in scans), scans
