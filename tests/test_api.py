@@ -467,7 +467,8 @@ async def test_a_method_a_path_does_not_serve_is_405_with_allow(api, couple):
         for headers in (couple.a_headers, {}):
             r = await api.request(method, path, headers=headers)
             assert r.status_code == 405, (method, path, r.status_code, r.text)
-            assert r.headers["allow"] == allow, (method, path)
+            # Starlette lists a route's methods in set order: compare them as a set.
+            assert set(r.headers["allow"].split(", ")) == set(allow.split(", ")), (method, path)
             if method != "HEAD":
                 assert_error(r, 405, case=f"{method} {path}")
     # A path that is not a known one is still read as a gesture id.
