@@ -455,6 +455,55 @@ async def test_wrong_method_is_405_in_the_error_shape(api, couple):
     assert_error(await api.delete("/api/gestures/send", headers=couple.a_headers), 405)
 
 
+async def test_a_method_a_path_does_not_serve_is_405_with_allow(api, couple):
+    """`GET /api/gestures/send` is not a request for a gesture whose id is "send"."""
+    gesture_id = str(uuid.uuid4())
+    cases = [
+        ("GET", "/api/gestures/send", "POST"),
+        ("HEAD", "/api/gestures/send", "POST"),
+        ("GET", "/api/gestures/acknowledge", "POST"),
+        ("GET", "/api/gestures/generate-message", "POST"),
+        ("PUT", "/api/gestures/send", "POST"),
+        ("DELETE", "/api/gestures/send", "POST"),
+        ("POST", "/api/gestures/pending", "GET, HEAD"),
+        ("POST", "/api/gestures/stats", "GET, HEAD"),
+        ("POST", f"/api/gestures/{gesture_id}", "GET, HEAD"),
+        ("DELETE", f"/api/gestures/{gesture_id}", "GET, HEAD"),
+        ("GET", f"/api/relationships/{gesture_id}", "PUT"),
+    ]
+    for method, path, allow in cases:
+        for headers in (couple.a_headers, {}):
+            r = await api.request(method, path, headers=headers)
+            assert r.status_code == 405, (method, path, r.status_code, r.text)
+            # Starlette lists a route's methods in set order: compare them as a set.
+            assert set(r.headers["allow"].split(", ")) == set(allow.split(", ")), (method, path)
+            if method != "HEAD":
+                assert_error(r, 405, case=f"{method} {path}")
+    # A path that is not a known one is still read as a gesture id.
+    assert_error(await api.get("/api/gestures/sendx", headers=couple.a_headers), 422, "gesture_id")
+
+
+async def test_sender_id_acknowledged_by_and_partner_id_are_required(api, couple, db):
+    body = send_body(couple.id, sender_id=None)
+    r = await api.post("/api/gestures/send", json=body, headers=couple.a_headers)
+    assert_error(r, 422, "sender_id")
+    assert await gesture_count(db, couple.id) == 0
+    g = await send(api, couple.id, couple.a_headers)
+    r = await api.post(
+        "/api/gestures/acknowledge",
+        json={"gesture_id": g["id"], "send_back": True},
+        headers=couple.b_headers,
+    )
+    assert_error(r, 422, "acknowledged_by")
+    assert (await gesture_row(db, g["id"]))["acknowledged_at"] is None
+    r = await api.get(
+        "/api/gestures/pending",
+        params={"relationship_id": str(couple.id)},
+        headers=couple.b_headers,
+    )
+    assert_error(r, 422, "partner_id")
+
+
 # ---------------------------------------------------------------------------- health, OpenAPI
 
 
@@ -474,6 +523,8 @@ SECTION_4 = {
     "/api/gestures/acknowledge": "post",
     "/api/gestures/pending": "get",
     "/api/gestures/recent": "get",
+    "/api/gestures/generate-message": "post",
+    "/api/gestures/stats": "get",
     "/api/gestures/{gesture_id}": "get",
     "/api/relationships/{relationship_id}": "put",
     "/healthz": "get",
@@ -501,6 +552,43 @@ async def test_openapi_describes_every_endpoint(api):
     }
     assert recent_params["limit"]["schema"]["minimum"] == 1
     assert recent_params["limit"]["schema"]["maximum"] == 100
+    assert {"relationship_id", "gesture_type", "sender_id"} <= set(body["required"])
+    pending_params = {
+        p["name"]: p for p in doc["paths"]["/api/gestures/pending"]["get"]["parameters"]
+    }
+    assert pending_params["partner_id"]["required"] is True
+
+
+async def test_openapi_links_send_to_acknowledge_and_get_and_describes_the_new_endpoints(api):
+    doc = (await api.get("/openapi.json")).json()
+    ops = {
+        op["operationId"]: (path, method)
+        for path, item in doc["paths"].items()
+        for method, op in item.items()
+    }
+    assert len(ops) == sum(len(item) for item in doc["paths"].values())  # ids are unique
+    links = doc["paths"]["/api/gestures/send"]["post"]["responses"]["200"]["links"]
+    targets = {link["operationId"] for link in links.values()}
+    assert ops[links["GetGesture"]["operationId"]] == ("/api/gestures/{gesture_id}", "get")
+    assert ops[links["AcknowledgeGesture"]["operationId"]] == ("/api/gestures/acknowledge", "post")
+    assert targets == {"getGesture", "acknowledgeGesture"}
+    assert links["GetGesture"]["parameters"] == {"gesture_id": "$response.body#/gesture/id"}
+    assert links["AcknowledgeGesture"]["requestBody"]["gesture_id"] == "$response.body#/gesture/id"
+    schemas = doc["components"]["schemas"]
+    generate = doc["paths"]["/api/gestures/generate-message"]["post"]
+    ref = generate["responses"]["200"]["content"]["application/json"]["schema"]["$ref"]
+    assert set(schemas[ref.rsplit("/", 1)[1]]["required"]) == {
+        "message",
+        "context_used",
+        "suggestion_id",
+    }
+    assert "429" in generate["responses"]
+    stats = doc["paths"]["/api/gestures/stats"]["get"]
+    days = {p["name"]: p for p in stats["parameters"]}["days"]["schema"]
+    assert (days["minimum"], days["maximum"], days["default"]) == (1, 365, 30)
+    send_body_schema = schemas["SendGestureBody"]["properties"]
+    assert send_body_schema["suggestion_id"]["anyOf"][0]["format"] == "uuid"
+    assert "ai_context_used" not in send_body_schema
 
 
 # ---------------------------------------------------------------------------- idempotency
