@@ -39,6 +39,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ws_queue_size: int = 256
     ws_idle_timeout: float = 75.0
     ws_max_frame: int = 16 * 1024
+    # Pending gestures sent on connect, oldest first; the rest stay readable over HTTP.
+    ws_greeting_limit: int = 100
     shutdown_timeout: float = 10.0
     # Outbox relay: how often, and how old a row must be before the relay takes it.
     relay_interval: float = 1.0
@@ -64,6 +66,7 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "PRESENCE_GRACE": ("presence_grace", float),
     "WS_QUEUE_SIZE": ("ws_queue_size", int),
     "WS_IDLE_TIMEOUT": ("ws_idle_timeout", float),
+    "WS_GREETING_LIMIT": ("ws_greeting_limit", int),
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
     "RELAY_INTERVAL": ("relay_interval", float),
     "RELAY_MIN_AGE": ("relay_min_age", float),

@@ -33,8 +33,9 @@ from datetime import UTC, datetime
 from starlette.websockets import WebSocket, WebSocketState
 
 from . import errors
-from .auth import Verifier, bearer
+from .auth import Verifier, bearer, role_of
 from .bus import Subscriber
+from .coalesce import Coalescer
 from .config import Settings
 from .gestures import Gestures
 from .hub import Connection, Dedupe, Hub
@@ -96,6 +97,10 @@ class Gateway:
         self._subscriptions: dict[uuid.UUID, asyncio.Future[bool]] = {}
         self.subscriber: Subscriber = subscriber_factory(self.on_message, self.resync)
         self.closing = False
+        # A connect storm's reads, one query or command for the sockets of the same moment.
+        self._relationships = Coalescer(gestures.relationships)
+        self._subscribe = Coalescer(self._subscribe_many)
+        self._pending = Coalescer(self._pending_many)
 
     # ------------------------------------------------------------------ events in
 
@@ -195,10 +200,22 @@ class Gateway:
     async def _join(self, conn: Connection) -> None:
         rel = conn.relationship_id
         if self.hub.add(conn):
-            channels = [self._gestures.channel(rel), self._presence.channel(rel)]
-            future = asyncio.ensure_future(self.subscriber.subscribe(channels))
+            future = asyncio.ensure_future(self._subscribe.get(rel))
             self._subscriptions[rel] = future
         await asyncio.shield(self._subscriptions[rel])
+
+    async def _subscribe_many(self, relationship_ids: list[uuid.UUID]) -> dict[uuid.UUID, bool]:
+        """One SUBSCRIBE for the channels of every relationship joined at the same moment."""
+        channels = []
+        for rel in relationship_ids:
+            channels += [self._gestures.channel(rel), self._presence.channel(rel)]
+        ok = await self.subscriber.subscribe(channels)
+        return dict.fromkeys(relationship_ids, ok)
+
+    async def _pending_many(
+        self, wanted: list[tuple[uuid.UUID, str]]
+    ) -> dict[tuple[uuid.UUID, str], list[Gesture]]:
+        return await self._gestures.pending_many(wanted, self._settings.ws_greeting_limit)
 
     async def _leave(self, conn: Connection) -> None:
         rel = conn.relationship_id
@@ -220,9 +237,8 @@ class Gateway:
         if self.closing:
             return await _refuse(ws, SERVICE_RESTART, "shutting down")
         try:
-            role = await self._gestures.role_in(
-                caller, relationship_id, ws.query_params.get("partner_id")
-            )
+            relationship = await self._relationships.get(relationship_id)
+            role = role_of(caller, relationship, ws.query_params.get("partner_id"))
         except (errors.Forbidden, errors.Invalid) as exc:
             return await _refuse(ws, FORBIDDEN, exc.message)
         except errors.Unavailable:
@@ -267,11 +283,12 @@ class Gateway:
             log.info("socket closed", extra={"conn_id": conn.id, "code": code})
 
     async def _greet(self, conn: Connection) -> None:
-        """The other partner's presence, then every pending gesture, oldest first."""
+        """The other partner's presence, then the oldest `ws_greeting_limit` pending
+        gestures, oldest first (the rest stay pending, readable over HTTP)."""
         other = other_role(conn.role)
         online, pending = await asyncio.gather(
             self._presence.is_online(conn.relationship_id, other),
-            self._gestures.pending_for(conn.relationship_id, conn.role),
+            self._pending.get((conn.relationship_id, conn.role)),
         )
         conn.other_online = online
         first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]

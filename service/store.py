@@ -227,6 +227,18 @@ async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Rela
     return None if r is None else Relationship(**dict(r))
 
 
+async def get_relationships(
+    conn: Connection, ids: Sequence[uuid.UUID]
+) -> dict[uuid.UUID, Relationship]:
+    """Many relationships in one query; those that do not exist are absent."""
+    rows = await conn.fetch(
+        """SELECT id, partner_a_id, partner_b_id, created_at FROM relationships
+        WHERE id = any($1::uuid[])""",
+        ids,
+    )
+    return {r["id"]: Relationship(**dict(r)) for r in rows}
+
+
 async def put_relationship(
     conn: Connection, relationship_id: uuid.UUID, partner_a_id: str | None, partner_b_id: str | None
 ) -> Relationship:
@@ -443,6 +455,31 @@ async def pending(conn: Connection, relationship_id: uuid.UUID, recipient: str) 
         recipient,
     )
     return [_gesture(r) for r in rows]
+
+
+async def pending_many(
+    conn: Connection, wanted: Sequence[tuple[uuid.UUID, str]], limit: int
+) -> dict[tuple[uuid.UUID, str], list[Gesture]]:
+    """For many (relationship, recipient) pairs in one query: the oldest `limit`
+    unacknowledged gestures sent to each recipient, oldest first."""
+    wanted = list(dict.fromkeys(wanted))
+    rows = await conn.fetch(
+        f"""SELECT p.rid AS pair_relationship, p.recipient AS pair_recipient, g.*
+        FROM unnest($1::uuid[], $2::text[]) AS p(rid, recipient)
+        CROSS JOIN LATERAL (
+            SELECT {GESTURE_COLUMNS} FROM connection_gestures c
+            WHERE c.relationship_id = p.rid AND c.sent_by <> p.recipient
+              AND c.acknowledged_at IS NULL
+            ORDER BY c.sent_at, c.id LIMIT $3) g
+        ORDER BY g.sent_at, g.id""",
+        [rid for rid, _ in wanted],
+        [role for _, role in wanted],
+        limit,
+    )
+    found: dict[tuple[uuid.UUID, str], list[Gesture]] = {pair: [] for pair in wanted}
+    for r in rows:
+        found[(r["pair_relationship"], r["pair_recipient"])].append(_gesture(r))
+    return found
 
 
 async def recent(

@@ -177,6 +177,7 @@ def settings_env(s: Settings) -> dict[str, str]:
         DB_TIMEOUT=str(s.db_timeout),
         WS_QUEUE_SIZE=str(s.ws_queue_size),
         WS_IDLE_TIMEOUT=str(s.ws_idle_timeout),
+        WS_GREETING_LIMIT=str(s.ws_greeting_limit),
         RATE_LIMIT_PER_MINUTE=str(s.rate_limit_per_minute),
         SHUTDOWN_TIMEOUT=str(s.shutdown_timeout),
     )
