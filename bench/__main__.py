@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,latency,connections]`.
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster]`.
 
 Starts its own database, two service processes and the load generators, runs the steps,
 prints a table per step, writes every figure as JSON, and cleans up even on Ctrl-C.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from . import steps
+from . import cluster, steps
 from .infra import ROOT, Bench, free_port
 
 STEPS = {
@@ -25,6 +25,7 @@ STEPS = {
     "fanout": steps.fanout,
     "latency": steps.latency,
     "connections": steps.connections,
+    "cluster": cluster.cluster,
 }
 
 

@@ -153,7 +153,7 @@ async def run_ws(cfg: dict) -> None:
                         max_size=2**20,
                         open_timeout=10,
                         close_timeout=2,
-                        compression=None,
+                        compression=cfg.get("compression"),
                     )
                     first = _frame_decoder.decode(await ws.recv())
             except (OSError, TimeoutError, WebSocketException, msgspec.DecodeError):
@@ -207,7 +207,7 @@ async def run_ws(cfg: dict) -> None:
             delay = random.uniform(0.0, jitter)
 
     async def pinger() -> None:
-        # The service closes a socket that sent nothing for ws_idle_timeout (75 s).
+        # `ping` frames, as a client may send them (the service needs none: it pings).
         while True:
             await asyncio.sleep(app_ping * random.uniform(0.8, 1.0))
             for c in clients:
@@ -493,7 +493,11 @@ async def run_redis_pub(cfg: dict) -> None:
     gen = cfg["gen"]
     rels = [uuid.UUID(r) for r in cfg["rels"]]
     channels = [f"{cfg['channel_prefix']}{r}" for r in rels]
-    redis = aioredis.Redis.from_url(cfg["redis_url"])
+    sharded = bool(cfg.get("cluster"))  # a Redis Cluster: SPUBLISH, as the service does there
+    if sharded:
+        redis = aioredis.RedisCluster.from_url(cfg["redis_url"])
+    else:
+        redis = aioredis.Redis.from_url(cfg["redis_url"])
     await redis.ping()
     emit({"event": "ready"})
 
@@ -529,7 +533,10 @@ async def run_redis_pub(cfg: dict) -> None:
                 pipe = redis.pipeline(transaction=False)
                 for k in range(due):
                     i = (sent + k) % len(rels)
-                    pipe.publish(channels[i], event(i, sent + k, tag))
+                    if sharded:
+                        pipe.spublish(channels[i], event(i, sent + k, tag))
+                    else:
+                        pipe.publish(channels[i], event(i, sent + k, tag))
                 await pipe.execute()
                 sent += due
             await asyncio.sleep(0.001)

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import psutil
 
+from service.cli import WS_PROTOCOL, uvicorn_command
+from service.config import from_env
+
 ROOT = Path(__file__).resolve().parent.parent
 PG_ADMIN_DSN = os.environ.get("BENCH_PG_DSN", "postgresql://root@127.0.0.1:5432/postgres")
 REDIS_URL = os.environ.get("BENCH_REDIS_URL", "redis://127.0.0.1:6379/0")
@@ -142,33 +145,38 @@ class Gen:
 class Service:
     """One `uvicorn service.app:app` process."""
 
-    def __init__(self, bench: "Bench", name: str, port: int, ws: str = "wsproto") -> None:
+    def __init__(
+        self,
+        bench: "Bench",
+        name: str,
+        port: int,
+        ws: str = WS_PROTOCOL,
+        flags: list[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.name = name
         self.port = port
         self.ws = ws
         self.log = open(Path(bench.tmp) / f"{name}.log", "a")
+        env = {**bench.service_env(), **(env or {})}
         self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.app:app",
+            # The project's own command line (compression off, uvicorn's keepalive pings),
+            # plus what the bench needs: quiet logs and a backlog for connect storms.
+            uvicorn_command(
+                from_env(env),
+                port,
                 "--host",
                 "127.0.0.1",
-                "--port",
-                str(port),
-                "--ws",
-                ws,
-                "--ws-max-size",
-                "16384",
                 "--log-level",
                 "warning",
                 "--no-access-log",
                 "--backlog",
                 "4096",
-            ],
+                *(flags or []),
+                ws=ws,
+            ),
             cwd=ROOT,
-            env=bench.service_env(),
+            env=env,
             stdout=self.log,
             stderr=subprocess.STDOUT,
             preexec_fn=raise_nofile,
@@ -298,6 +306,7 @@ class Bench:
         self.db = f"bench_{tag}"
         self.dsn = _dsn_with_db(PG_ADMIN_DSN, self.db)
         self.redis_url = REDIS_URL
+        self.redis_cluster = False  # the cluster step points the services at a cluster
         self.channel_prefix = f"bench-{tag}:gestures:"
         self.presence_prefix = f"bench-{tag}:presence:"
         self.jwt_secret = secrets.token_urlsafe(32)
@@ -419,6 +428,7 @@ class Bench:
             **os.environ,
             "DATABASE_URL": self.dsn,
             "REDIS_URL": self.redis_url,
+            "REDIS_CLUSTER": "true" if self.redis_cluster else "false",
             "JWT_SECRET": self.jwt_secret,
             "CHANNEL_PREFIX": self.channel_prefix,
             "PRESENCE_PREFIX": self.presence_prefix,
@@ -427,8 +437,8 @@ class Bench:
             "DB_POOL_MAX": os.environ.get("BENCH_DB_POOL_MAX", "16"),
         }
 
-    def start_service(self, name: str, port: int, ws: str = "wsproto") -> Service:
-        svc = Service(self, name, port, ws)
+    def start_service(self, name: str, port: int, ws: str = WS_PROTOCOL, **kw) -> Service:
+        svc = Service(self, name, port, ws, **kw)
         self.services[name] = svc
         svc.wait_ready()
         return svc

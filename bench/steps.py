@@ -488,7 +488,6 @@ def _hold(
         deadline,
         reconnect=reconnect,
         jitter=0.5,
-        app_ping=30,
         connect_concurrency=64,
         connect_deadline=120,
     )

@@ -20,14 +20,16 @@ import logging
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import msgspec
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
-from starlette.routing import Route
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
 
-from . import errors
+from . import errors, metrics
 from .auth import Caller, bearer
 from .gestures import Gestures
 from .schemas import (
@@ -36,6 +38,7 @@ from .schemas import (
     AcknowledgeBody,
     AcknowledgeResult,
     ErrorBody,
+    GenerateMessageBody,
     Gesture,
     GestureList,
     Health,
@@ -46,14 +49,20 @@ from .schemas import (
     RelationshipBody,
     SendGestureBody,
     SendResult,
+    Stats,
+    StatsQuery,
+    Suggestion,
     acknowledge_body_decoder,
     encoder,
+    generate_body_decoder,
     relationship_body_decoder,
     send_body_decoder,
 )
 from .validation import describe
 
 log = logging.getLogger(__name__)
+
+DEMO = Path(__file__).resolve().parent / "demo"
 
 _STATUS: dict[type[errors.ServiceError], int] = {
     errors.Invalid: 422,
@@ -134,6 +143,7 @@ async def send(request: Request, g: Gestures) -> Response:
         body.message,
         body.ai_generated,
         request.headers.get("idempotency-key"),
+        suggestion_id=body.suggestion_id,
     )
     return json(result)
 
@@ -164,7 +174,27 @@ async def recent(request: Request, g: Gestures) -> Response:
     return json(await g.recent(caller, query.relationship_id, query.limit, query.before))
 
 
+async def generate_message(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    body: GenerateMessageBody = await _body(request, generate_body_decoder)
+    suggestion = await g.suggest(
+        caller, body.relationship_id, body.sender_id, body.gesture_type, body.timezone
+    )
+    return json(suggestion)
+
+
+async def stats(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    query: StatsQuery = _query(request, StatsQuery)
+    return json(await g.stats(caller, query.relationship_id, query.days))
+
+
 async def get_gesture(request: Request, g: Gestures) -> Response:
+    # `/api/gestures/send` and its siblings match `/{gesture_id}` too: a method they do not
+    # serve is 405 with their Allow, not a complaint that "send" is no UUID.
+    allowed = _STATIC_METHODS.get(request.url.path)
+    if allowed is not None:
+        return error(405, "Method Not Allowed", {"Allow": allowed})
     caller = _caller(request)
     return json(await g.get(caller, _path_uuid(request, "gesture_id")))
 
@@ -205,7 +235,9 @@ class Endpoint:
     headers: tuple[str, ...] = ()
     errors: tuple[int, ...] = (400, 401, 403, 413, 422, 503)
     auth: bool = True
-    extra: dict = field(default_factory=dict)
+    operation_id: str = ""
+    # OpenAPI links from the 200 answer: name -> (operationId, parameters, requestBody).
+    links: dict = field(default_factory=dict)
 
 
 ENDPOINTS = (
@@ -218,6 +250,22 @@ ENDPOINTS = (
         body=SendGestureBody,
         headers=("Idempotency-Key",),
         errors=(400, 401, 403, 413, 422, 429, 503),
+        operation_id="sendGesture",
+        links={
+            "GetGesture": {
+                "operationId": "getGesture",
+                "parameters": {"gesture_id": "$response.body#/gesture/id"},
+                "description": "The gesture just sent",
+            },
+            "AcknowledgeGesture": {
+                "operationId": "acknowledgeGesture",
+                "requestBody": {
+                    "gesture_id": "$response.body#/gesture/id",
+                    "acknowledged_by": "partner_b",
+                },
+                "description": "The recipient acknowledges the gesture just sent",
+            },
+        },
     ),
     Endpoint(
         "POST",
@@ -227,6 +275,7 @@ ENDPOINTS = (
         AcknowledgeResult,
         body=AcknowledgeBody,
         errors=(400, 401, 403, 404, 413, 422, 429, 503),
+        operation_id="acknowledgeGesture",
     ),
     Endpoint(
         "GET",
@@ -235,6 +284,7 @@ ENDPOINTS = (
         "Unacknowledged gestures sent to a partner, oldest first",
         GestureList,
         query=PendingQuery,
+        operation_id="pendingGestures",
     ),
     Endpoint(
         "GET",
@@ -243,6 +293,39 @@ ENDPOINTS = (
         "A relationship's gestures, newest first, a page at a time",
         RecentPage,
         query=RecentQuery,
+        operation_id="recentGestures",
+    ),
+    Endpoint(
+        "POST",
+        "/api/gestures/generate-message",
+        generate_message,
+        "Suggest a note for the gesture you are about to send",
+        Suggestion,
+        body=GenerateMessageBody,
+        errors=(400, 401, 403, 413, 422, 429, 503),
+        operation_id="generateMessage",
+        links={
+            "SendWithSuggestion": {
+                "operationId": "sendGesture",
+                "requestBody": {
+                    "relationship_id": "$request.body#/relationship_id",
+                    "sender_id": "$request.body#/sender_id",
+                    "gesture_type": "$request.body#/gesture_type",
+                    "message": "$response.body#/message",
+                    "suggestion_id": "$response.body#/suggestion_id",
+                },
+                "description": "Send the gesture with the suggested note",
+            }
+        },
+    ),
+    Endpoint(
+        "GET",
+        "/api/gestures/stats",
+        stats,
+        "The couple's statistics over the last `days` days",
+        Stats,
+        query=StatsQuery,
+        operation_id="gestureStats",
     ),
     Endpoint(
         "GET",
@@ -252,6 +335,7 @@ ENDPOINTS = (
         Gesture,
         path_params=("gesture_id",),
         errors=(401, 404, 422, 503),
+        operation_id="getGesture",
     ),
     Endpoint(
         "PUT",
@@ -261,8 +345,18 @@ ENDPOINTS = (
         Relationship,
         body=RelationshipBody,
         path_params=("relationship_id",),
+        operation_id="putRelationship",
     ),
-    Endpoint("GET", "/healthz", healthz, "Liveness", Health, errors=(), auth=False),
+    Endpoint(
+        "GET",
+        "/healthz",
+        healthz,
+        "Liveness",
+        Health,
+        errors=(),
+        auth=False,
+        operation_id="healthz",
+    ),
     Endpoint(
         "GET",
         "/readyz",
@@ -271,8 +365,21 @@ ENDPOINTS = (
         Health,
         errors=(503,),
         auth=False,
+        operation_id="readyz",
     ),
 )
+
+
+def _allow(path: str) -> str:
+    """The Allow header of `path`, as Starlette writes it (GET brings HEAD)."""
+    methods = {e.method for e in ENDPOINTS if e.path == path}
+    if "GET" in methods:
+        methods.add("HEAD")
+    return ", ".join(sorted(methods))
+
+
+# Paths without a parameter, and the methods each serves.
+_STATIC_METHODS = {e.path: _allow(e.path) for e in ENDPOINTS if "{" not in e.path}
 
 
 def _wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
@@ -295,9 +402,15 @@ def _wrap(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
     return endpoint
 
 
-def routes() -> list[Route]:
-    table = [Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS]
+def routes() -> list[Route | Mount]:
+    table: list[Route | Mount] = [
+        Route(e.path, _wrap(e.handler), methods=[e.method]) for e in ENDPOINTS
+    ]
     table.append(Route("/openapi.json", openapi_endpoint, methods=["GET"]))
+    table.append(Route("/metrics", metrics_endpoint, methods=["GET"]))
+    # The demo page at /demo, its scripts and styles under /demo/ (see docs/operations.md).
+    table.append(Route("/demo", demo_page, methods=["GET"]))
+    table.append(Mount("/demo", StaticFiles(directory=DEMO), name="demo"))
     return table
 
 
@@ -316,6 +429,7 @@ _ERROR_TEXT = {
     404: "No such gesture (or not yours)",
     413: "Body over 16 KiB",
     422: "A field is invalid; `detail` names it",
+    405: "Method not served on this path; see Allow",
     429: "Rate limited; see Retry-After",
     503: "PostgreSQL or Redis unavailable",
 }
@@ -329,7 +443,7 @@ def openapi() -> dict:
     )
     paths: dict[str, dict] = {}
     for e in ENDPOINTS:
-        op: dict = {"summary": e.summary, "responses": {}}
+        op: dict = {"operationId": e.operation_id, "summary": e.summary, "responses": {}}
         params = [
             {
                 "name": p,
@@ -370,6 +484,8 @@ def openapi() -> dict:
                 }
             },
         }
+        if e.links:
+            op["responses"]["200"]["links"] = e.links
         for status in e.errors:
             op["responses"][str(status)] = {
                 "description": _ERROR_TEXT[status],
@@ -395,3 +511,26 @@ def openapi() -> dict:
 
 async def openapi_endpoint(request: Request) -> Response:
     return Response(request.state.openapi, media_type="application/json")
+
+
+async def metrics_endpoint(request: Request) -> Response:
+    """This process's metrics in Prometheus text format (see `metrics`)."""
+    await request.state.sample_metrics()
+    body, content_type = metrics.exposition()
+    return Response(body, headers={"Content-Type": content_type})
+
+
+async def demo_page(request: Request) -> Response:
+    # The page's tokens travel in the URL's fragment, which no request carries; and the
+    # page is told not to leak its address to the scripts' and styles' requests either.
+    return FileResponse(
+        DEMO / "index.html",
+        headers={
+            "Cache-Control": "no-store",
+            "Referrer-Policy": "no-referrer",
+            "Content-Security-Policy": (
+                "default-src 'self'; connect-src 'self' ws: wss:; img-src 'self' data:; "
+                "frame-ancestors 'none'"
+            ),
+        },
+    )

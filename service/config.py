@@ -18,6 +18,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     database_url: str
     redis_url: str
     jwt_secret: str
+    # REDIS_URL names any node of a Redis Cluster: sharded pub/sub, hash-tagged keys.
+    redis_cluster: bool = False
     port: int = 8000
     # Pools
     db_pool_min: int = 2
@@ -32,26 +34,60 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Redis names
     channel_prefix: str = "gestures:"
     presence_prefix: str = "gesture-presence:"
-    # Presence: a process refreshes its entries every presence_ttl / 3 seconds.
+    # Presence: each process beats every presence_ttl / 6 s; a dead one stops counting
+    # within presence_ttl.
     presence_ttl: float = 30.0
     presence_grace: float = 3.0
+    # What uvicorn's command line carries (see `uvicorn_options`): the app can neither refuse
+    # an extension uvicorn negotiated nor ping below the ASGI interface.
+    ws_per_message_deflate: bool = False
+    ws_ping_interval: float = 30.0  # 0: no protocol pings
+    ws_ping_timeout: float = 20.0
     # WebSocket gateway
     ws_queue_size: int = 256
-    ws_idle_timeout: float = 75.0
-    ws_max_frame: int = 16 * 1024
     # Pending gestures sent on connect, oldest first; the rest stay readable over HTTP.
     ws_greeting_limit: int = 100
+    ws_max_frame: int = 16 * 1024
     shutdown_timeout: float = 10.0
     # Outbox relay: how often, and how old a row must be before the relay takes it.
     relay_interval: float = 1.0
     relay_min_age: float = 2.0
+    # Suggested notes: a per-sender limit, and the optional OpenAI-compatible provider
+    # (unset URL: the built-in composer answers, with no network at all).
+    suggestion_rate_limit_per_minute: int = 20
+    suggestion_provider_url: str = ""
+    suggestion_provider_model: str = ""
+    suggestion_provider_key: str = ""
+    suggestion_provider_timeout: float = 3.0
+
+    def __repr__(self) -> str:
+        # Settings may end up in a log line or a traceback: never with a secret in them.
+        shown = {
+            f: ("<hidden>" if f in _SECRET_FIELDS and getattr(self, f) else getattr(self, f))
+            for f in self.__struct_fields__
+        }
+        return f"Settings({', '.join(f'{k}={v!r}' for k, v in shown.items())})"
+
+
+_SECRET_FIELDS = {"jwt_secret", "suggestion_provider_key"}
+
+
+def boolean(raw: str) -> bool:
+    """`true`/`false` (also 1/0, yes/no, on/off); ValueError otherwise."""
+    match raw.strip().lower():
+        case "true" | "1" | "yes" | "on":
+            return True
+        case "false" | "0" | "no" | "off":
+            return False
+    raise ValueError(raw)
 
 
 # name in the environment -> (field, parser)
-_VARIABLES: dict[str, tuple[str, type]] = {
+_VARIABLES: dict[str, tuple[str, object]] = {
     "DATABASE_URL": ("database_url", str),
     "REDIS_URL": ("redis_url", str),
     "JWT_SECRET": ("jwt_secret", str),
+    "REDIS_CLUSTER": ("redis_cluster", boolean),
     "PORT": ("port", int),
     "DB_POOL_MIN": ("db_pool_min", int),
     "DB_POOL_MAX": ("db_pool_max", int),
@@ -64,14 +100,21 @@ _VARIABLES: dict[str, tuple[str, type]] = {
     "PRESENCE_PREFIX": ("presence_prefix", str),
     "PRESENCE_TTL": ("presence_ttl", float),
     "PRESENCE_GRACE": ("presence_grace", float),
+    "WS_PER_MESSAGE_DEFLATE": ("ws_per_message_deflate", boolean),
+    "WS_PING_INTERVAL": ("ws_ping_interval", float),
+    "WS_PING_TIMEOUT": ("ws_ping_timeout", float),
     "WS_QUEUE_SIZE": ("ws_queue_size", int),
-    "WS_IDLE_TIMEOUT": ("ws_idle_timeout", float),
     "WS_GREETING_LIMIT": ("ws_greeting_limit", int),
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
     "RELAY_INTERVAL": ("relay_interval", float),
     "RELAY_MIN_AGE": ("relay_min_age", float),
+    "SUGGESTION_RATE_LIMIT_PER_MINUTE": ("suggestion_rate_limit_per_minute", int),
+    "SUGGESTION_PROVIDER_URL": ("suggestion_provider_url", str),
+    "SUGGESTION_PROVIDER_MODEL": ("suggestion_provider_model", str),
+    "SUGGESTION_PROVIDER_KEY": ("suggestion_provider_key", str),
+    "SUGGESTION_PROVIDER_TIMEOUT": ("suggestion_provider_timeout", float),
 }
-_ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL"}
+_ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL", "WS_PING_INTERVAL"}
 _REQUIRED = {
     "DATABASE_URL": "the PostgreSQL DSN, e.g. postgresql://user@host:5432/db",
     "REDIS_URL": "the Redis URL, e.g. redis://127.0.0.1:6379/0",
@@ -92,9 +135,34 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         try:
             value = parser(raw)
         except ValueError:
-            kind = "an integer" if parser is int else "a number"
+            kind = {int: "an integer", float: "a number"}.get(parser, "true or false")
             raise ConfigError(f"{name} must be {kind}, got {raw!r}") from None
-        if parser is not str and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
+        if parser in (int, float) and (value < 0 or (value == 0 and name not in _ZERO_ALLOWED)):
             raise ConfigError(f"{name} must be positive, got {raw!r}")
         values[field] = value
+    url = str(values.get("suggestion_provider_url", ""))
+    if url:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"SUGGESTION_PROVIDER_URL must be an http(s) URL, got {url!r}")
+        if not values.get("suggestion_provider_model"):
+            raise ConfigError(
+                "SUGGESTION_PROVIDER_MODEL is not set: the model to ask when "
+                "SUGGESTION_PROVIDER_URL is set, e.g. gpt-4o-mini"
+            )
     return Settings(**values)
+
+
+def uvicorn_options(settings: Settings) -> dict[str, object]:
+    """The settings that only the server can apply, as `uvicorn.Config` keywords.
+
+    uvicorn negotiates permessage-deflate with every client that offers it (browsers always
+    do) unless told not to, and sends protocol pings itself; the ASGI app sees neither. So
+    every way the project starts uvicorn passes these: `cli.uvicorn_command` for the dev
+    command, the bench and the tests, and the same flags spelled in shell in the Procfile
+    and the image (`${WS_PER_MESSAGE_DEFLATE:-false}` and so on).
+    """
+    return {
+        "ws_per_message_deflate": settings.ws_per_message_deflate,
+        "ws_ping_interval": settings.ws_ping_interval or None,
+        "ws_ping_timeout": settings.ws_ping_timeout,
+    }

@@ -10,11 +10,13 @@ How errors reach the client:
 | what                                   | how                                      |
 |----------------------------------------|------------------------------------------|
 | bad or missing token                   | close 4401                               |
+| token expired while connected          | close 4401, within 1 s of `exp`          |
 | not a partner, unknown relationship    | close 4403                               |
+| partner removed by PUT /api/relationships | close 4403, on every process, at once |
 | PostgreSQL down while connecting       | close 1013 (try again later)             |
 | frame over 16 KiB                      | close 1009                               |
 | client does not read its frames        | close 1008 (slow consumer)               |
-| nothing received for ws_idle_timeout   | close 1000 "idle timeout"                |
+| no pong to uvicorn's ping in time      | close 1011 by uvicorn (keepalive)        |
 | process shutting down                  | close 1012 (service restart)             |
 | frame not JSON, unknown type, bad field| `error` frame, code `invalid`            |
 | errors.Forbidden / NotFound            | `error` frame, `forbidden` / `not_found` |
@@ -23,18 +25,27 @@ How errors reach the client:
 | anything unexpected                    | logged once with its traceback, close 1011 |
 
 Frames that carry a `request_id` get it back on every reply to them.
+
+Access ends when it should. Every process subscribes to the control channel (see `bus`);
+a `RelationshipChanged` on it closes, the moment it is read, each local socket whose user
+`gestures.may_stay` no longer admits, dropping what was queued for it. A socket admitted
+while a change was on its way is checked again once it is registered. After a broken
+subscription (a change may have been missed) every held socket is checked against
+PostgreSQL, and so are they once a second while the subscription is down. Once a second,
+sockets whose token expired are closed.
 """
 
 import asyncio
 import logging
+import time
 import uuid
 from datetime import UTC, datetime
 
 from starlette.websockets import WebSocket, WebSocketState
 
-from . import errors
+from . import errors, metrics
 from .auth import Verifier, bearer, role_of
-from .bus import Subscriber
+from .bus import Subscriber, control_channel
 from .coalesce import Coalescer
 from .config import Settings
 from .gestures import Gestures
@@ -58,6 +69,8 @@ from .schemas import (
     PingFrame,
     PongFrame,
     PresenceFrame,
+    Relationship,
+    control_decoder,
     encoder,
     envelope_decoder,
     event_decoder,
@@ -95,10 +108,14 @@ class Gateway:
         self._presence = presence
         self.hub = hub
         self._subscriptions: dict[uuid.UUID, asyncio.Future[bool]] = {}
+        # Commit times of gestures pushed live and not yet written, for DELIVERY_SECONDS.
+        self._committed: dict[uuid.UUID, float] = {}
         self.subscriber: Subscriber = subscriber_factory(self.on_message, self.resync)
+        self._control = control_channel(settings.presence_prefix)
+        self.subscriber.keep([self._control])
         self.closing = False
         # A connect storm's reads, one query or command for the sockets of the same moment.
-        self._relationships = Coalescer(gestures.relationships)
+        self._relationships = Coalescer(lambda ids: self._gestures.relationships(ids))
         self._subscribe = Coalescer(self._subscribe_many)
         self._pending = Coalescer(self._pending_many)
 
@@ -107,6 +124,8 @@ class Gateway:
     def on_message(self, channel: str, data: bytes) -> None:
         """Route one message from Redis to the connections it concerns."""
         presence_prefix = self._settings.presence_prefix
+        if channel == self._control:
+            return self._on_control(data)
         try:
             if channel.startswith(presence_prefix):
                 change = presence_decoder.decode(data)
@@ -155,13 +174,24 @@ class Gateway:
 
     def _push_received(self, gesture: Gesture) -> None:
         frame, delivered, dedupe = self._received(gesture)
-        self.hub.push(
+        pushed = self.hub.push(
             gesture.relationship_id,
             other_role(gesture.sent_by),
             frame,
             delivered=delivered,
             dedupe=dedupe,
         )
+        if pushed and delivered is not None:
+            if len(self._committed) > 10_000:  # written never (sockets gone): forget
+                self._committed.clear()
+            self._committed[delivered] = gesture.sent_at.timestamp()
+
+    def _delivered(self, gesture_id: uuid.UUID) -> None:
+        """A gesture_received frame handed `gesture_id` over: time it, mark it delivered."""
+        committed = self._committed.pop(gesture_id, None)
+        if committed is not None:
+            metrics.DELIVERY_SECONDS.observe(time.time() - committed)
+        self._gestures.delivered(gesture_id)
 
     def _push_presence(self, relationship_id: uuid.UUID, partner: str, online: bool) -> None:
         frame = encoder.encode(PresenceFrame(partner=partner, online=online))
@@ -172,6 +202,7 @@ class Gateway:
 
     async def resync(self, since: float) -> None:
         """After a broken subscription: re-read from PostgreSQL what clients may have missed."""
+        await self._revalidate()
         relationships = self.hub.relationships()
         if not relationships:
             return
@@ -194,6 +225,76 @@ class Gateway:
                 online = await self._presence.is_online(relationship_id, role)
                 self._push_presence(relationship_id, role, online)
         log.info("resynced after pub/sub reconnect", extra={"gestures": len(changed)})
+
+    # ------------------------------------------------------------------ access
+
+    def _on_control(self, data: bytes) -> None:
+        try:
+            change = control_decoder.decode(data)
+        except DECODE_ERRORS:
+            log.debug("ignoring a control message this version does not understand")
+            return
+        relationship = change.relationship
+        self._gestures.relationship_changed(relationship)
+        self._close_removed(relationship.id, relationship)
+
+    def _close_removed(self, relationship_id: uuid.UUID, relationship: Relationship | None) -> None:
+        for conn in self.hub.of(relationship_id):
+            if not conn.closed and not self._gestures.may_stay(
+                relationship, conn.user_id, conn.role
+            ):
+                log.info("closing a socket of a removed partner", extra={"conn_id": conn.id})
+                conn.end(FORBIDDEN, "no longer a partner of this relationship")
+
+    async def _revalidate(self, quiet: bool = False) -> None:
+        """Check every held socket against PostgreSQL (a change may have been missed)."""
+        try:
+            rows = await self._gestures.reload_relationships(self.hub.relationships())
+        except errors.Unavailable:
+            if not quiet:
+                log.warning("could not re-check sockets' relationships: PostgreSQL unavailable")
+            return
+        for relationship_id, relationship in rows.items():
+            self._close_removed(relationship_id, relationship)
+
+    async def watch_access(self) -> None:
+        """Once a second: close sockets whose token expired; and while the subscription is
+        down (no change can reach this process), re-check held sockets against PostgreSQL,
+        so a partner removed during a Redis outage is closed within a second or two too."""
+        async with asyncio.TaskGroup() as group:
+            group.create_task(self._expire())
+            group.create_task(self._poll_while_unsubscribed())
+
+    async def _expire(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for conn in self.hub.expired(time.time()):
+                conn.end(UNAUTHORIZED, "token expired")
+
+    async def _poll_while_unsubscribed(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            if not self.subscriber.connected.is_set():
+                await self._revalidate(quiet=True)
+
+    async def _recheck(self, ws: WebSocket, conn: Connection, changes: int) -> int | None:
+        """After registering a socket admitted when `changes` changes had been applied: None
+        if it may stay, else the code it was closed with. A change that arrived in between
+        did not find it in the hub."""
+        if changes != self._gestures.changes and not conn.closed:
+            try:
+                relationship = await self._gestures.relationship(conn.relationship_id)
+            except errors.Unavailable:
+                await _close(ws, TRY_AGAIN_LATER, "database unavailable")
+                return TRY_AGAIN_LATER
+            if not self._gestures.may_stay(relationship, conn.user_id, conn.role):
+                conn.closed = True
+        if conn.closed:  # by the check, or by a change while it was registering
+            # Awaited here (a close already under way makes this a no-op): the endpoint
+            # returns next, and a server drops a socket left unclosed without a close code.
+            await _close(ws, FORBIDDEN, "not a partner of this relationship")
+            return FORBIDDEN
+        return None
 
     # ------------------------------------------------------------------ subscriptions
 
@@ -236,6 +337,7 @@ class Gateway:
             return await _refuse(ws, FORBIDDEN, "relationship_id must be a UUID")
         if self.closing:
             return await _refuse(ws, SERVICE_RESTART, "shutting down")
+        changes = self._gestures.changes
         try:
             relationship = await self._relationships.get(relationship_id)
             role = role_of(caller, relationship, ws.query_params.get("partner_id"))
@@ -250,8 +352,10 @@ class Gateway:
             role,
             send=lambda frame: ws.send_text(frame.decode()),
             close=lambda code, reason: _close(ws, code, reason),
-            on_delivered=self._gestures.delivered,
+            on_delivered=self._delivered,
             limit=self._settings.ws_queue_size,
+            user_id=caller.user_id,
+            expires=caller.expires,
         )
         log.info(
             "socket opened",
@@ -259,8 +363,12 @@ class Gateway:
         )
         code = 1000
         present = False  # undo only what was done
+        metrics.CONNECTIONS.inc()
         try:
             await self._join(conn)
+            if refused := await self._recheck(ws, conn, changes):
+                code = refused
+                return
             present = True  # connected() counts us before its first await
             await self._presence.connected(relationship_id, role)
             try:
@@ -276,6 +384,7 @@ class Gateway:
             await _close(ws, INTERNAL, "internal error")
         finally:
             conn.closed = True
+            metrics.CONNECTIONS.dec()
             if not self.closing:  # at shutdown, presence and Redis are dropped wholesale
                 if present:
                     self._presence.disconnected(relationship_id, role)
@@ -290,7 +399,12 @@ class Gateway:
             self._presence.is_online(conn.relationship_id, other),
             self._pending.get((conn.relationship_id, conn.role)),
         )
-        conn.other_online = online
+        if conn.other_online is None:
+            conn.other_online = online
+        else:
+            # A change arrived on the channel (subscribed before the read) meanwhile: it is
+            # at least as new as the read, and taking the read would hide the next change.
+            online = conn.other_online
         first = [(encoder.encode(PresenceFrame(partner=other, online=online)), None, None)]
         for gesture in pending:
             frame, delivered, dedupe = self._received(gesture)
@@ -300,12 +414,8 @@ class Gateway:
     async def _read(self, ws: WebSocket, conn: Connection, caller) -> int:
         limit = self._settings.ws_max_frame
         while True:
-            try:
-                async with asyncio.timeout(self._settings.ws_idle_timeout):
-                    message = await ws.receive()
-            except TimeoutError:
-                await _close(ws, 1000, "idle timeout")
-                return 1000
+            # No idle timeout of our own: uvicorn's pings find dead peers (WS_PING_INTERVAL).
+            message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return message.get("code", 1000)
             data = message.get("text")
@@ -315,18 +425,34 @@ class Gateway:
             if len(data) > limit or (
                 isinstance(data, str) and len(data) * 4 > limit and len(data.encode()) > limit
             ):
-                await _close(ws, TOO_BIG, "frame over 16 KiB")
+                await self._too_big(ws, conn)
                 return TOO_BIG
             if conn.closed:
                 continue
+            if conn.expires <= time.time():
+                conn.end(UNAUTHORIZED, "token expired")
+                continue
             await self._handle(conn, caller, data)
+
+    async def _too_big(self, ws: WebSocket, conn: Connection) -> None:
+        """Close with 1009, after the replies to the frames before it (a gesture_sent among
+        them) are written: a client that is reading gets them within a second."""
+        try:
+            async with asyncio.timeout(1.0):
+                await conn.drained()
+        except TimeoutError:
+            pass
+        conn.closed = True
+        await _close(ws, TOO_BIG, "frame over 16 KiB")
 
     async def _handle(self, conn: Connection, caller, data: str | bytes) -> None:
         try:
             frame = frame_decoder.decode(data)
         except DECODE_ERRORS as exc:
+            metrics.FRAMES_IN_BY_TYPE["invalid"].inc()
             conn.push(_error(errors.Invalid(describe(exc, "frame")), _request_id(data)))
             return
+        metrics.FRAMES_IN_BY_TYPE[type(frame).__struct_config__.tag].inc()
         request_id = frame.request_id
         try:
             match frame:
@@ -342,6 +468,7 @@ class Gateway:
                         frame.ai_generated,
                         frame.idempotency_key,
                         want_online=False,
+                        suggestion_id=frame.suggestion_id,
                     )
                     sent = GestureSentFrame(gesture=result.gesture, request_id=request_id)
                     conn.push(encoder.encode(sent))

@@ -10,23 +10,36 @@ decides who may do what.
   gesture and their events are one transaction.
 * Every committed change writes its event to the outbox in the same transaction; the
   `Publisher` puts it on Redis after commit.
+* Access ends with the relationship: `PUT /api/relationships/{id}` is answered only after its
+  `RelationshipChanged` went out on the control channel (or, Redis away, sits in the
+  outbox for the relay). Every process drops its cached row on receipt, and `may_stay`
+  says which of its sockets must close. Redis delivers in order, so every event published
+  after the answer reaches a process after the change.
+* Suggestions: rate limited per sender (the same sliding window, its own key); remembered
+  in PostgreSQL for an hour, so a gesture sent with the `suggestion_id` by the same sender
+  in the same relationship is stored with `ai_generated` and the context the service
+  recorded, never JSON from the client.
+* Statistics: computed in SQL over the relationship's index, never the whole table.
 """
 
 import asyncio
 import base64
 import binascii
+import functools
+import json
 import logging
 import math
 import time
 import uuid
-from datetime import datetime
+import zoneinfo
+from datetime import UTC, datetime, tzinfo
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError
 
-from . import errors, store
+from . import errors, metrics, store, suggestions
 from .auth import Caller, role_of
-from .bus import Publisher, channel_for
+from .bus import REDIS_ERRORS, Publisher, channel_for, control_channel
 from .config import Settings
 from .presence import Presence
 from .schemas import (
@@ -36,9 +49,16 @@ from .schemas import (
     GestureDelivered,
     GestureList,
     GestureSent,
+    PerPartnerCounts,
+    PerPartnerInt,
+    PerPartnerSeconds,
     RecentPage,
     Relationship,
+    RelationshipChanged,
     SendResult,
+    Stats,
+    Suggestion,
+    TypeCounts,
     encoder,
     other_role,
     valid_idempotency_key,
@@ -82,6 +102,22 @@ class _Sent:
         self.outbox = outbox
 
 
+def _counted(send):
+    """Count every send by its outcome (metrics.SENDS), whichever edge it came through."""
+
+    @functools.wraps(send)
+    async def counted(*args, **kwargs):
+        try:
+            result = await send(*args, **kwargs)
+        except errors.ServiceError as exc:
+            metrics.SEND_OUTCOME.get(exc.code, metrics.SEND_OUTCOME["invalid"]).inc()
+            raise
+        metrics.SEND_OUTCOME["ok" if result[1] else "replay"].inc()
+        return result
+
+    return counted
+
+
 class Gestures:
     def __init__(
         self,
@@ -91,16 +127,21 @@ class Gestures:
         publisher: Publisher,
         presence: Presence,
         relationship_ttl: float = 5.0,
+        suggester: suggestions.Suggester | None = None,
     ) -> None:
         self._settings = settings
         self._pool = pool
         self._redis = redis
         self._publisher = publisher
         self._presence = presence
+        self._suggester = suggester or suggestions.Suggester()
         self._timeout = settings.db_timeout
         self._rate_limit = redis.register_script(_RATE_LIMIT)
         self._relationships: dict[uuid.UUID, tuple[float, Relationship]] = {}
         self._relationship_ttl = relationship_ttl
+        # Relationship changes applied so far: a row read while one arrived is not cached
+        # (it may predate the change), and a socket admitted meanwhile is checked again.
+        self.changes = 0
         self._sends: store.GroupCommit[_SendItem, _Sent | errors.ServiceError] = store.GroupCommit(
             pool, self._commit_sends, after_commit=self._publish_sends, timeout=self._timeout
         )
@@ -125,10 +166,11 @@ class Gestures:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
+        changes = self.changes
         async with store.connection(self._pool, self._timeout) as conn:
             found = await store.get_relationship(conn, relationship_id)
         complete = found is not None and found.partner_a_id and found.partner_b_id
-        if complete and self._relationship_ttl > 0:
+        if complete and self._relationship_ttl > 0 and changes == self.changes:
             if len(self._relationships) > 100_000:
                 self._relationships.clear()
             self._relationships[relationship_id] = (now + self._relationship_ttl, found)
@@ -149,15 +191,16 @@ class Gestures:
             else:
                 missing.append(rid)
         if missing:
+            changes = self.changes
             async with store.connection(self._pool, self._timeout) as conn:
                 read = await store.get_relationships(conn, missing)
-            if len(self._relationships) > 100_000:
+            cache = self._relationship_ttl > 0 and changes == self.changes
+            if cache and len(self._relationships) > 100_000:
                 self._relationships.clear()
             for rid in missing:
                 row = found[rid] = read.get(rid)
-                if row is not None and row.partner_a_id and row.partner_b_id:
-                    if self._relationship_ttl > 0:
-                        self._relationships[rid] = (now + self._relationship_ttl, row)
+                if cache and row is not None and row.partner_a_id and row.partner_b_id:
+                    self._relationships[rid] = (now + self._relationship_ttl, row)
         return found
 
     async def role_in(self, caller: Caller, relationship_id: uuid.UUID, named: str | None) -> str:
@@ -170,13 +213,57 @@ class Gestures:
             raise errors.Forbidden("only a service token may create or change relationships")
         if a is not None and a == b:
             raise errors.Invalid("partner_b_id: must differ from partner_a_id")
-        async with store.connection(self._pool, self._timeout) as conn:
+        async with store.transaction(self._pool, self._timeout) as conn:
             found = await store.put_relationship(conn, relationship_id, a, b)
-        self._relationships.pop(relationship_id, None)
+            change = encoder.encode(RelationshipChanged(relationship=found))
+            rows = await store.add_outbox(
+                conn, [(control_channel(self._settings.presence_prefix), change)]
+            )
+        self.relationship_changed(found)
+        # Answered only once Redis took it: an event published after this answer reaches
+        # every subscriber after the change. Redis away: the commit stands, the relay
+        # publishes the change later, and each process re-checks its sockets when its
+        # subscription comes back (`reload_relationships`).
+        if not await self._publisher.publish_now(rows):
+            log.warning(
+                "relationship change not published yet; the outbox relay will",
+                extra={"relationship_id": str(relationship_id)},
+            )
         return found
+
+    def relationship_changed(self, relationship: Relationship) -> None:
+        """A relationship's row changed (here or on another process): forget the cached row
+        now, not after its TTL; the next request reads the new one."""
+        self._relationships.pop(relationship.id, None)
+        self.changes += 1
+
+    async def reload_relationships(
+        self, relationship_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, Relationship | None]:
+        """After a broken subscription, changes may have been missed: forget every cached
+        row, and read these relationships afresh."""
+        self._relationships.clear()
+        self.changes += 1
+        if not relationship_ids:
+            return {}
+        async with store.connection(self._pool, self._timeout) as conn:
+            found = await store.get_relationships(conn, relationship_ids)
+        return {rid: found.get(rid) for rid in relationship_ids}
+
+    @staticmethod
+    def may_stay(relationship: Relationship | None, user_id: str | None, role: str) -> bool:
+        """Whether a socket opened by `user_id` (None: a service token, which acts for a
+        role and stays) as `role` may stay open in `relationship` as it now is."""
+        if user_id is None:
+            return True
+        if relationship is None:
+            return False
+        held = relationship.partner_a_id if role == "partner_a" else relationship.partner_b_id
+        return held == user_id
 
     # ------------------------------------------------------------------ sending
 
+    @_counted
     async def send(
         self,
         caller: Caller,
@@ -187,19 +274,29 @@ class Gestures:
         ai_generated: bool,
         idempotency_key: str | None,
         want_online: bool = True,
+        suggestion_id: uuid.UUID | None = None,
     ) -> tuple[SendResult, bool]:
         """Send a gesture; returns the result and whether it is new (False for a replay).
 
         `recipient_online` costs nothing extra: it rides in the rate limit's round trip to
         Redis. Callers that do not need it (the gateway) pass `want_online=False`.
+        A `suggestion_id` of this sender's in this relationship, under an hour old, stores
+        the gesture as AI-generated with the suggestion's context; any other is Invalid.
         """
         role = role_of(caller, await self.relationship(relationship_id), named)
         if idempotency_key is not None and not valid_idempotency_key(idempotency_key):
             raise errors.Invalid("Idempotency-Key: 1 to 200 printable ASCII characters, no space")
-        new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated)
+        context = None
+        if suggestion_id is not None:
+            async with store.connection(self._pool, self._timeout) as conn:
+                context = await store.find_suggestion(conn, suggestion_id, relationship_id, role)
+            if context is None:
+                raise errors.Invalid("suggestion_id: unknown, expired (after an hour) or not yours")
+            ai_generated = True
+        new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated, context)
         fingerprint = b""
         if idempotency_key is not None:
-            fingerprint = store.fingerprint(gesture_type, message, ai_generated)
+            fingerprint = store.fingerprint(gesture_type, message, ai_generated, suggestion_id)
         recipient = other_role(role) if want_online else None
         try:
             online = await self._admit(relationship_id, role, recipient)
@@ -218,16 +315,31 @@ class Gestures:
         """Count one send against the sender's limit (RateLimited past it); and whether
         `recipient` is online, in the same round trip. Redis away: admitted, offline."""
         limit = self._settings.rate_limit_per_minute
-        key = f"{self._settings.channel_prefix}rate:{relationship_id}:{role}"
+        # Hash-tagged by relationship: on a cluster the key lives in the relationship's slot,
+        # beside its presence keys, so this pipeline goes to one shard.
+        key = f"{self._settings.channel_prefix}rate:{{{relationship_id}}}:{role}"
+
+        def online(pipe) -> None:
+            if recipient is not None:
+                self._presence.count_online(pipe, relationship_id, recipient)
+
+        results = await self._window(key, limit, "gestures", online)
+        return results is not None and recipient is not None and int(results[1]) > 0
+
+    async def _window(self, key: str, limit: int, what: str, more=None) -> list | None:
+        """Count one request in the sliding window `key` (RateLimited past `limit` a minute),
+        with whatever `more` adds to the same pipeline; its results, None when Redis is away
+        (then the request is admitted)."""
         args = (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex)
         try:
             for attempt in (1, 2):
-                # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
-                # before every execute, a round trip per send.
                 async with self._redis.pipeline(transaction=False) as pipe:
-                    pipe.evalsha(self._rate_limit.sha, 1, key, *args)
-                    if recipient is not None:
-                        self._presence.count_online(pipe, relationship_id, recipient)
+                    # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
+                    # before every execute, a round trip per send. And as a plain command: on
+                    # a cluster redis-py refuses `pipe.evalsha`, yet routes this by its key.
+                    pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, key, *args)
+                    if more is not None:
+                        more(pipe)
                     try:
                         results = await pipe.execute()
                         break
@@ -235,15 +347,15 @@ class Gestures:
                         if attempt == 2:
                             raise
                         await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             log.warning("rate limit unavailable, admitting", extra={"error": repr(exc)})
-            return False
+            return None
         wait_ms = int(results[0])
         if wait_ms:
             raise errors.RateLimited(
-                f"at most {limit} gestures a minute", retry_after=math.ceil(wait_ms / 1000)
+                f"at most {limit} {what} a minute", retry_after=math.ceil(wait_ms / 1000)
             )
-        return recipient is not None and int(results[1]) > 0
+        return results
 
     async def _replay(
         self, new: store.NewGesture, key: str | None, fingerprint: bytes
@@ -321,6 +433,72 @@ class Gestures:
             **extra,
         )
         return self.channel(gesture.relationship_id), encoder.encode(event)
+
+    # ------------------------------------------------------------------ suggestions
+
+    async def suggest(
+        self,
+        caller: Caller,
+        relationship_id: uuid.UUID,
+        named: str | None,
+        gesture_type: str,
+        timezone: str | None = None,
+    ) -> Suggestion:
+        """A note for the gesture the caller is about to send, drawn from the couple's
+        history; remembered for an hour under its `suggestion_id`. Writes no gesture."""
+        role = role_of(caller, await self.relationship(relationship_id), named)
+        zone = _zone(timezone)
+        # {relationship_id}: a hash tag, so a Redis Cluster keeps a couple's keys together.
+        key = f"{self._settings.channel_prefix}suggestion-rate:{{{relationship_id}}}:{role}"
+        await self._window(key, self._settings.suggestion_rate_limit_per_minute, "suggestions")
+        async with store.connection(self._pool, self._timeout) as conn:
+            history = await store.history(conn, relationship_id, role)
+        context = suggestions.context_from(history, gesture_type, zone)
+        suggestion_id = uuid.uuid4()
+        composed = await self._suggester.suggest(context, suggestion_id.int)
+        recorded = json.dumps(
+            {
+                "suggestion_id": str(suggestion_id),
+                "source": composed.source,
+                "context_used": composed.context_used,
+            }
+        )
+        async with store.connection(self._pool, self._timeout) as conn:
+            await store.insert_suggestion(
+                conn, suggestion_id, relationship_id, role, gesture_type, recorded
+            )
+        return Suggestion(
+            message=composed.message,
+            context_used=composed.context_used,
+            suggestion_id=suggestion_id,
+        )
+
+    # ------------------------------------------------------------------ statistics
+
+    async def stats(self, caller: Caller, relationship_id: uuid.UUID, days: int) -> Stats:
+        relationship = await self.relationship(relationship_id)
+        if not caller.is_service or relationship is None:
+            role_of(caller, relationship, None)
+        async with store.connection(self._pool, self._timeout) as conn:
+            since, per = await store.stats(conn, relationship_id, days)
+            streak = await store.streak_days(conn, relationship_id)
+        empty = store.SenderStats({}, 0, 0, 0, None)
+        a, b = per.get("partner_a", empty), per.get("partner_b", empty)
+
+        def counts(s: store.SenderStats) -> TypeCounts:
+            return TypeCounts(**s.by_type, total=s.total)
+
+        return Stats(
+            relationship_id=relationship_id,
+            days=days,
+            since=since,
+            sent=PerPartnerCounts(partner_a=counts(a), partner_b=counts(b)),
+            acknowledged=PerPartnerInt(partner_a=a.acknowledged, partner_b=b.acknowledged),
+            # A send-back answers the other partner's gesture.
+            sent_back=PerPartnerInt(partner_a=b.answered, partner_b=a.answered),
+            median_seconds_to_acknowledge=PerPartnerSeconds(partner_a=a.median, partner_b=b.median),
+            streak_days=streak,
+        )
 
     # ------------------------------------------------------------------ acknowledging
 
@@ -410,9 +588,12 @@ class Gestures:
         gestures = await self.pending_for(relationship_id, role)
         return GestureList(gestures=gestures, count=len(gestures))
 
-    async def pending_for(self, relationship_id: uuid.UUID, role: str) -> list[Gesture]:
+    async def pending_for(
+        self, relationship_id: uuid.UUID, role: str, limit: int | None = None
+    ) -> list[Gesture]:
+        """What waits for `role`, oldest first: all of it, or the first `limit`."""
         async with store.connection(self._pool, self._timeout) as conn:
-            return await store.pending(conn, relationship_id, role)
+            return await store.pending(conn, relationship_id, role, limit)
 
     async def pending_many(
         self, wanted: list[tuple[uuid.UUID, str]], limit: int
@@ -482,6 +663,15 @@ class Gestures:
                 conn, [self._event_row(GestureDelivered, g, g.delivered_at) for g in marked]
             )
         self._publisher.publish(rows)
+
+
+def _zone(name: str | None) -> tzinfo:
+    if name is None:
+        return UTC
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):
+        raise errors.Invalid("timezone: not a known IANA time zone, e.g. Europe/Paris") from None
 
 
 def _encode_cursor(gesture: Gesture) -> str:

@@ -9,14 +9,23 @@ Until `open()` is called a connection holds what is pushed to it, so the frames 
 first on connect (presence, pending gestures) go out before anything that arrived meanwhile.
 Every gesture frame carries a dedupe key, so a frame that arrives twice (an event published
 twice, a resync after a broken subscription) reaches the client once.
+
+A connection remembers who opened it (`user_id`, None for a service token) and until when
+its token is good (`expires`). The hub files connections by the second their token expires,
+so finding the expired ones is a look at the earliest second, whatever the number of
+sockets: a set entry a socket, no timer or task.
 """
 
 import asyncio
+import heapq
 import itertools
 import logging
+import math
 import uuid
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
+
+from . import metrics
 
 log = logging.getLogger(__name__)
 
@@ -40,10 +49,12 @@ class Connection:
         "_seen",
         "_send",
         "closed",
+        "expires",
         "id",
         "other_online",
         "relationship_id",
         "role",
+        "user_id",
     )
 
     def __init__(
@@ -55,10 +66,14 @@ class Connection:
         close: Callable[[int, str], Awaitable[None]],
         on_delivered: Callable[[uuid.UUID], None],
         limit: int,
+        user_id: str | None = None,
+        expires: float = math.inf,
     ) -> None:
         self.id = next(_ids)
         self.relationship_id = relationship_id
         self.role = role
+        self.user_id = user_id
+        self.expires = expires
         self._send = send
         self._close = close
         self._on_delivered = on_delivered
@@ -126,6 +141,7 @@ class Connection:
                 frame, delivered = self._queue.popleft()
                 self._greeting = max(0, self._greeting - 1)
                 await self._send(frame)
+                metrics.frame_written(frame)
                 if delivered is not None:
                     self._on_delivered(delivered)
         except Exception:
@@ -137,16 +153,21 @@ class Connection:
         """Close as a slow consumer: drop its queue, keep the process's memory bounded."""
         if self.closed:
             return
-        self.closed = True
-        self._queue.clear()
+        metrics.SLOW_CONSUMERS.inc()
         log.warning(
             "closing slow consumer",
             extra={"conn_id": self.id, "relationship_id": str(self.relationship_id)},
         )
+        self.end(SLOW_CONSUMER, "slow consumer")
+
+    def end(self, code: int, reason: str) -> None:
+        """Close with `code` now: nothing queued or pushed from here on is written."""
+        if self.closed:
+            return
+        self.closed = True
+        self._queue.clear()
         # Held by the connection, since the loop holds tasks only weakly.
-        self._closer = asyncio.get_running_loop().create_task(
-            self._close(SLOW_CONSUMER, "slow consumer")
-        )
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
 
     async def drained(self) -> None:
         """Wait until what is queued has been written (used at shutdown)."""
@@ -160,11 +181,13 @@ class Hub:
 
     def __init__(self) -> None:
         self._by_relationship: dict[uuid.UUID, list[Connection]] = {}
+        self._expiring = _Deadlines()
 
     def add(self, conn: Connection) -> bool:
         """Register; True when it is this process's first connection of its relationship."""
         conns = self._by_relationship.setdefault(conn.relationship_id, [])
         conns.append(conn)
+        self._expiring.add(conn)
         return len(conns) == 1
 
     def remove(self, conn: Connection) -> bool:
@@ -173,6 +196,7 @@ class Hub:
         if conns is None or conn not in conns:
             return False
         conns.remove(conn)
+        self._expiring.discard(conn)
         if conns:
             return False
         del self._by_relationship[conn.relationship_id]
@@ -202,9 +226,59 @@ class Hub:
     def relationships(self) -> list[uuid.UUID]:
         return list(self._by_relationship)
 
+    def expired(self, now: float) -> list[Connection]:
+        """Connections whose token expired by `now` (each returned once), still open."""
+        return [conn for conn in self._expiring.due(now) if not conn.closed]
+
     def __iter__(self) -> Iterator[Connection]:
         for conns in list(self._by_relationship.values()):
             yield from conns
 
     def __len__(self) -> int:
         return sum(len(c) for c in self._by_relationship.values())
+
+
+class _Deadlines:
+    """Connections by the whole second their token expires (rounded up), and a heap of those
+    seconds. A bucket that empties is deleted; its second stays in the heap until it is due,
+    or until stale seconds outnumber live ones and the heap is rebuilt."""
+
+    __slots__ = ("_buckets", "_heap")
+
+    def __init__(self) -> None:
+        self._buckets: dict[int, set[Connection]] = {}
+        self._heap: list[int] = []
+
+    def add(self, conn: Connection) -> None:
+        if not math.isfinite(conn.expires):
+            return
+        second = math.ceil(conn.expires)
+        bucket = self._buckets.get(second)
+        if bucket is None:
+            bucket = self._buckets[second] = set()
+            heapq.heappush(self._heap, second)
+            if len(self._heap) > 2 * len(self._buckets) + 64:
+                self._heap = list(self._buckets)
+                heapq.heapify(self._heap)
+        bucket.add(conn)
+
+    def discard(self, conn: Connection) -> None:
+        if not math.isfinite(conn.expires):
+            return
+        second = math.ceil(conn.expires)
+        bucket = self._buckets.get(second)
+        if bucket is not None:
+            bucket.discard(conn)
+            if not bucket:
+                del self._buckets[second]
+
+    def due(self, now: float) -> list[Connection]:
+        found: list[Connection] = []
+        while self._heap and self._heap[0] <= now:
+            bucket = self._buckets.pop(heapq.heappop(self._heap), None)
+            if bucket:
+                found.extend(bucket)
+        return found
+
+    def __len__(self) -> int:
+        return sum(len(b) for b in self._buckets.values())

@@ -9,7 +9,7 @@ default, so two versions of the service can share Redis during a deploy.
 import re
 import uuid
 from datetime import datetime
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 import msgspec
 from msgspec import Meta, Struct
@@ -65,6 +65,9 @@ class Gesture(Struct, kw_only=True):
     acknowledged_at: datetime | None
     acknowledged_by: str | None
     response_gesture_id: uuid.UUID | None
+    # What a suggested note drew on ({suggestion_id, source, context_used}) when the gesture
+    # was sent with a `suggestion_id`; null otherwise. Written by the service only.
+    ai_context_used: dict[str, Any] | None = None
 
 
 class Relationship(Struct, kw_only=True):
@@ -80,14 +83,15 @@ class Relationship(Struct, kw_only=True):
 class SendGestureBody(Struct, frozen=True, kw_only=True):
     relationship_id: uuid.UUID
     gesture_type: GestureType
-    sender_id: Role | None = None
+    sender_id: Role
     message: Message | None = None
     ai_generated: bool = False
+    suggestion_id: uuid.UUID | None = None
 
 
 class AcknowledgeBody(Struct, frozen=True, kw_only=True):
     gesture_id: uuid.UUID
-    acknowledged_by: Role | None = None
+    acknowledged_by: Role
     send_back: bool = False
     send_back_type: GestureType | None = None
     send_back_message: Message | None = None
@@ -100,13 +104,31 @@ class RelationshipBody(Struct, frozen=True, kw_only=True):
 
 class PendingQuery(Struct, frozen=True, kw_only=True):
     relationship_id: uuid.UUID
-    partner_id: Role | None = None
+    partner_id: Role
 
 
 class RecentQuery(Struct, frozen=True, kw_only=True):
     relationship_id: uuid.UUID
     limit: Limit = 20
     before: Annotated[str, Meta(max_length=200)] | None = None
+
+
+# An IANA zone name such as Europe/Paris; the suggestion's "time of day" is read in it.
+TimeZone = Annotated[
+    str, Meta(max_length=64, pattern=r"^[A-Za-z][A-Za-z0-9_+\-]*(/[A-Za-z0-9_+\-]+)*$")
+]
+
+
+class GenerateMessageBody(Struct, frozen=True, kw_only=True):
+    relationship_id: uuid.UUID
+    sender_id: Role
+    gesture_type: GestureType
+    timezone: TimeZone | None = None
+
+
+class StatsQuery(Struct, frozen=True, kw_only=True):
+    relationship_id: uuid.UUID
+    days: Annotated[int, Meta(ge=1, le=365)] = 30
 
 
 class SendResult(Struct, kw_only=True):
@@ -130,6 +152,49 @@ class RecentPage(Struct, kw_only=True):
     next_before: str | None
 
 
+class Suggestion(Struct, kw_only=True):
+    """A suggested note; send it (or an edit of it) with `suggestion_id` within an hour."""
+
+    message: str
+    context_used: list[str]
+    suggestion_id: uuid.UUID
+
+
+class TypeCounts(Struct, kw_only=True):
+    hug: int = 0
+    kiss: int = 0
+    thinking_of_you: int = 0
+    total: int = 0
+
+
+class PerPartnerCounts(Struct, kw_only=True):
+    partner_a: TypeCounts
+    partner_b: TypeCounts
+
+
+class PerPartnerInt(Struct, kw_only=True):
+    partner_a: int = 0
+    partner_b: int = 0
+
+
+class PerPartnerSeconds(Struct, kw_only=True):
+    partner_a: float | None = None
+    partner_b: float | None = None
+
+
+class Stats(Struct, kw_only=True):
+    """The couple's statistics over the gestures sent in the last `days` days."""
+
+    relationship_id: uuid.UUID
+    days: int
+    since: datetime
+    sent: PerPartnerCounts
+    acknowledged: PerPartnerInt
+    sent_back: PerPartnerInt
+    median_seconds_to_acknowledge: PerPartnerSeconds
+    streak_days: int
+
+
 class ErrorBody(Struct, kw_only=True):
     detail: str
 
@@ -149,6 +214,7 @@ class GestureFrame(Struct, tag="gesture", **_frame):
     message: Message | None = None
     ai_generated: bool = False
     idempotency_key: IdempotencyKey | None = None
+    suggestion_id: uuid.UUID | None = None
     request_id: RequestId | None = None
 
 
@@ -242,6 +308,14 @@ class GestureAcknowledged(_Event, tag="gesture.acknowledged"):
 Event = GestureSent | GestureDelivered | GestureAcknowledged
 
 
+class RelationshipChanged(Struct, tag_field="event", tag="relationship.changed", kw_only=True):
+    """Internal, on the control channel: a relationship's row after `PUT /api/relationships`.
+    Every process drops its cached row and closes the sockets of a partner who left."""
+
+    v: int = 1
+    relationship: Relationship
+
+
 class PresenceChange(Struct, kw_only=True):
     """Internal, on the presence channel: a partner's first connection opened or last closed."""
 
@@ -255,10 +329,12 @@ encoder = msgspec.json.Encoder()
 send_body_decoder = msgspec.json.Decoder(SendGestureBody)
 acknowledge_body_decoder = msgspec.json.Decoder(AcknowledgeBody)
 relationship_body_decoder = msgspec.json.Decoder(RelationshipBody)
+generate_body_decoder = msgspec.json.Decoder(GenerateMessageBody)
 frame_decoder = msgspec.json.Decoder(ClientFrame)
 envelope_decoder = msgspec.json.Decoder(FrameEnvelope)
 event_decoder = msgspec.json.Decoder(Event)
 presence_decoder = msgspec.json.Decoder(PresenceChange)
+control_decoder = msgspec.json.Decoder(RelationshipChanged)
 
 # What hostile input can make a msgspec decoder raise besides its own errors.
 DECODE_ERRORS = (msgspec.DecodeError, msgspec.ValidationError, UnicodeDecodeError, RecursionError)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, Generic, TypeVar
 
 import asyncpg
+import msgspec
 
 from . import errors
 from .schemas import Gesture, Relationship
@@ -35,7 +36,8 @@ Pool = asyncpg.Pool
 
 GESTURE_COLUMNS = """id, relationship_id, gesture_type, sent_by, message,
     coalesce(ai_generated, false) AS ai_generated, sent_at, delivered_at,
-    acknowledged_at, acknowledged_by, response_gesture_id"""
+    acknowledged_at, acknowledged_by, response_gesture_id,
+    nullif(ai_context_used, '{}'::jsonb)::text AS ai_context_used"""
 
 # Failures that mean "PostgreSQL is not there", as opposed to a bug or a constraint.
 _UNAVAILABLE = (
@@ -63,7 +65,16 @@ def _gesture(r: asyncpg.Record) -> Gesture:
         acknowledged_at=r["acknowledged_at"],
         acknowledged_by=r["acknowledged_by"],
         response_gesture_id=r["response_gesture_id"],
+        ai_context_used=_context(r["ai_context_used"]),
     )
+
+
+def _context(text: str | None) -> dict | None:
+    """The `ai_context_used` column as the gesture shows it: an object, or None."""
+    if text is None:
+        return None
+    value = msgspec.json.decode(text)
+    return value if isinstance(value, dict) and value else None
 
 
 # ---------------------------------------------------------------------------- pool
@@ -228,13 +239,12 @@ async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Rela
 
 
 async def get_relationships(
-    conn: Connection, ids: Sequence[uuid.UUID]
+    conn: Connection, relationship_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Relationship]:
-    """Many relationships in one query; those that do not exist are absent."""
     rows = await conn.fetch(
         """SELECT id, partner_a_id, partner_b_id, created_at FROM relationships
         WHERE id = any($1::uuid[])""",
-        ids,
+        relationship_ids,
     )
     return {r["id"]: Relationship(**dict(r)) for r in rows}
 
@@ -263,6 +273,7 @@ class NewGesture:
     the same statement as the row (see `insert_sent`)."""
 
     __slots__ = (
+        "ai_context_used",
         "ai_generated",
         "gesture_type",
         "id",
@@ -279,6 +290,7 @@ class NewGesture:
         sent_by: str,
         message: str | None,
         ai_generated: bool,
+        ai_context_used: str | None = None,
     ) -> None:
         self.id = uuid.uuid4()
         self.relationship_id = relationship_id
@@ -286,6 +298,8 @@ class NewGesture:
         self.sent_by = sent_by
         self.message = message
         self.ai_generated = ai_generated
+        # JSON text the service composed (a suggestion's context); None: the column default.
+        self.ai_context_used = ai_context_used
         self.sent_at = datetime.now(UTC)
 
     def gesture(self) -> Gesture:
@@ -302,11 +316,17 @@ class NewGesture:
             acknowledged_at=None,
             acknowledged_by=None,
             response_gesture_id=None,
+            ai_context_used=_context(self.ai_context_used),
         )
 
 
-_INSERT_ROWS = """unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[],
-    $6::bool[], $7::timestamptz[])"""
+_INSERT_COLUMNS = """(id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at,
+    ai_context_used)"""
+_INSERT_ROWS = """SELECT t_id, t_rel, t_type, t_by, t_message, t_ai, t_at,
+        coalesce(t_ctx::jsonb, '{}'::jsonb)
+    FROM unnest($1::uuid[], $2::uuid[], $3::text[], $4::text[], $5::text[], $6::bool[],
+        $7::timestamptz[], $8::text[])
+        AS t(t_id, t_rel, t_type, t_by, t_message, t_ai, t_at, t_ctx)"""
 
 
 def _columns(new: Sequence[NewGesture]) -> list[list]:
@@ -318,6 +338,7 @@ def _columns(new: Sequence[NewGesture]) -> list[list]:
         [g.message for g in new],
         [g.ai_generated for g in new],
         [g.sent_at for g in new],
+        [g.ai_context_used for g in new],
     ]
 
 
@@ -341,12 +362,11 @@ async def insert_sent(
     with _relationship_must_exist():
         rows = await conn.fetch(
             f"""WITH g AS (
-            INSERT INTO connection_gestures
-                (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
-            SELECT * FROM {_INSERT_ROWS}
+            INSERT INTO connection_gestures {_INSERT_COLUMNS}
+            {_INSERT_ROWS}
             RETURNING id)
         INSERT INTO gesture_outbox (channel, payload)
-        SELECT channel, payload FROM unnest($8::text[], $9::bytea[]) AS e(channel, payload)
+        SELECT channel, payload FROM unnest($9::text[], $10::bytea[]) AS e(channel, payload)
         RETURNING id, channel, payload""",
             *_columns(new),
             [c for c, _ in events],
@@ -359,9 +379,8 @@ async def insert_gestures(conn: Connection, new: Sequence[NewGesture]) -> list[G
     """Insert many gestures in one statement; returned in the order given."""
     with _relationship_must_exist():
         rows = await conn.fetch(
-            f"""INSERT INTO connection_gestures
-                (id, relationship_id, gesture_type, sent_by, message, ai_generated, sent_at)
-            SELECT * FROM {_INSERT_ROWS}
+            f"""INSERT INTO connection_gestures {_INSERT_COLUMNS}
+            {_INSERT_ROWS}
             RETURNING {GESTURE_COLUMNS}""",
             *_columns(new),
         )
@@ -445,14 +464,18 @@ async def get_gestures(conn: Connection, ids: Sequence[uuid.UUID]) -> dict[uuid.
     return {r["id"]: _gesture(r) for r in rows}
 
 
-async def pending(conn: Connection, relationship_id: uuid.UUID, recipient: str) -> list[Gesture]:
-    """Unacknowledged gestures sent to `recipient`, oldest first."""
+async def pending(
+    conn: Connection, relationship_id: uuid.UUID, recipient: str, limit: int | None = None
+) -> list[Gesture]:
+    """Unacknowledged gestures sent to `recipient`, oldest first; the first `limit` of
+    them when given (LIMIT NULL is no limit)."""
     rows = await conn.fetch(
         f"""SELECT {GESTURE_COLUMNS} FROM connection_gestures
         WHERE relationship_id = $1 AND sent_by <> $2 AND acknowledged_at IS NULL
-        ORDER BY sent_at, id""",
+        ORDER BY sent_at, id LIMIT $3""",
         relationship_id,
         recipient,
+        limit,
     )
     return [_gesture(r) for r in rows]
 
@@ -562,6 +585,206 @@ async def changed_since(
     return [_gesture(r) for r in rows]
 
 
+# ---------------------------------------------------------------------------- suggestions
+
+SUGGESTION_HOURS = 1
+
+
+async def insert_suggestion(
+    conn: Connection,
+    suggestion_id: uuid.UUID,
+    relationship_id: uuid.UUID,
+    sent_by: str,
+    gesture_type: str,
+    context: str,
+) -> None:
+    """Remember a suggestion for an hour; `context` is the JSON the service composed."""
+    with _relationship_must_exist():
+        await conn.execute(
+            """INSERT INTO gesture_suggestions
+                (id, relationship_id, sent_by, gesture_type, context)
+            VALUES ($1, $2, $3, $4, $5::jsonb)""",
+            suggestion_id,
+            relationship_id,
+            sent_by,
+            gesture_type,
+            context,
+        )
+
+
+async def find_suggestion(
+    conn: Connection, suggestion_id: uuid.UUID, relationship_id: uuid.UUID, sent_by: str
+) -> str | None:
+    """The context (JSON text) of a suggestion made for this sender in this relationship
+    within the last hour; None for one unknown, expired or made for someone else."""
+    return await conn.fetchval(
+        """SELECT context::text FROM gesture_suggestions
+        WHERE id = $1 AND relationship_id = $2 AND sent_by = $3
+          AND created_at > now() - make_interval(hours => $4)""",
+        suggestion_id,
+        relationship_id,
+        sent_by,
+        SUGGESTION_HOURS,
+    )
+
+
+async def forget_suggestions(conn: Connection) -> int:
+    status = await conn.execute(
+        "DELETE FROM gesture_suggestions WHERE created_at < now() - make_interval(hours => $1)",
+        SUGGESTION_HOURS,
+    )
+    return int(status.split()[-1])
+
+
+class History:
+    """What the composer may know of a couple: the other partner's last gesture, the
+    sender's own last one, how many gestures the last week held (capped), the streak."""
+
+    __slots__ = (
+        "now",
+        "received_acknowledged",
+        "received_at",
+        "received_has_note",
+        "received_note",
+        "received_type",
+        "sent_at",
+        "sent_type",
+        "streak_days",
+        "week_count",
+    )
+
+    def __init__(self, **fields: Any) -> None:
+        for name in self.__slots__:
+            setattr(self, name, fields.get(name))
+
+
+_HISTORY = """SELECT now() AS now,
+    r.gesture_type AS r_type, r.sent_at AS r_at, r.message AS r_note,
+    r.acknowledged_at IS NOT NULL AS r_ack,
+    s.gesture_type AS s_type, s.sent_at AS s_at,
+    (SELECT count(*) FROM (
+        SELECT 1 FROM connection_gestures
+        WHERE relationship_id = $1 AND sent_at > now() - interval '7 days' LIMIT 50) w
+    ) AS week
+FROM (SELECT 1) one
+LEFT JOIN LATERAL (
+    SELECT gesture_type, sent_at, message, acknowledged_at FROM connection_gestures
+    WHERE relationship_id = $1 AND sent_by <> $2 ORDER BY sent_at DESC, id DESC LIMIT 1
+) r ON true
+LEFT JOIN LATERAL (
+    SELECT gesture_type, sent_at FROM connection_gestures
+    WHERE relationship_id = $1 AND sent_by = $2 ORDER BY sent_at DESC, id DESC LIMIT 1
+) s ON true"""
+
+
+async def history(conn: Connection, relationship_id: uuid.UUID, sender: str) -> History:
+    """The composer's view of the couple: a few index probes, whatever their history's size."""
+    r = await conn.fetchrow(_HISTORY, relationship_id, sender)
+    return History(
+        now=r["now"],
+        received_type=r["r_type"],
+        received_at=r["r_at"],
+        received_note=r["r_note"],
+        received_has_note=bool(r["r_note"]),
+        received_acknowledged=r["r_ack"],
+        sent_type=r["s_type"],
+        sent_at=r["s_at"],
+        week_count=r["week"],
+        streak_days=await streak_days(conn, relationship_id),
+    )
+
+
+# ---------------------------------------------------------------------------- statistics
+
+# Per sender, over the gestures sent since `now() - days`: counts by type, how many the
+# other partner acknowledged and answered with a gesture, the median time to acknowledge.
+# A range scan of idx_gestures_recent (or idx_gestures_analytics): never the whole table.
+STATS_SQL = """WITH w AS (SELECT now() - make_interval(days => $2) AS since)
+SELECT w.since, g.sent_by, g.hug, g.kiss, g.thinking_of_you, g.total, g.acknowledged,
+    g.answered, g.median
+FROM w LEFT JOIN LATERAL (
+    SELECT sent_by,
+        count(*) FILTER (WHERE gesture_type = 'hug') AS hug,
+        count(*) FILTER (WHERE gesture_type = 'kiss') AS kiss,
+        count(*) FILTER (WHERE gesture_type = 'thinking_of_you') AS thinking_of_you,
+        count(*) AS total,
+        count(acknowledged_at) AS acknowledged,
+        count(response_gesture_id) AS answered,
+        -- Of the acknowledged only: greatest(0, NULL) is 0, not NULL.
+        percentile_cont(0.5) WITHIN GROUP (
+            ORDER BY greatest(0, extract(epoch FROM acknowledged_at - sent_at))::float8
+        ) FILTER (WHERE acknowledged_at IS NOT NULL) AS median
+    FROM connection_gestures
+    WHERE relationship_id = $1 AND sent_at >= w.since
+    GROUP BY sent_by
+) g ON true"""
+
+# Consecutive UTC days with a gesture, ending today or yesterday: one index probe a day of
+# the streak (each EXISTS is a range lookup on idx_gestures_recent), however long the
+# history. `+ 24 hours`, not `+ 1 day`: a day is 24 hours in UTC whatever the session's zone.
+STREAK_SQL = """WITH RECURSIVE today AS (
+    SELECT date_bin('24 hours', now(), timestamptz '2000-01-01 00:00:00+00') AS d
+), start AS (
+    SELECT CASE
+        WHEN EXISTS (SELECT 1 FROM connection_gestures WHERE relationship_id = $1
+                     AND sent_at >= today.d AND sent_at < today.d + interval '24 hours')
+            THEN today.d
+        WHEN EXISTS (SELECT 1 FROM connection_gestures WHERE relationship_id = $1
+                     AND sent_at >= today.d - interval '24 hours' AND sent_at < today.d)
+            THEN today.d - interval '24 hours'
+    END AS d
+    FROM today
+), streak(d) AS (
+    SELECT d FROM start WHERE d IS NOT NULL
+    UNION ALL
+    SELECT streak.d - interval '24 hours' FROM streak
+    WHERE EXISTS (SELECT 1 FROM connection_gestures WHERE relationship_id = $1
+                  AND sent_at >= streak.d - interval '24 hours' AND sent_at < streak.d)
+)
+SELECT count(*) FROM streak"""
+
+
+class SenderStats:
+    __slots__ = ("acknowledged", "answered", "by_type", "median", "total")
+
+    def __init__(
+        self,
+        by_type: dict[str, int],
+        total: int,
+        acknowledged: int,
+        answered: int,
+        median: float | None,
+    ) -> None:
+        self.by_type = by_type
+        self.total = total
+        self.acknowledged = acknowledged
+        self.answered = answered
+        self.median = median
+
+
+async def stats(
+    conn: Connection, relationship_id: uuid.UUID, days: int
+) -> tuple[datetime, dict[str, SenderStats]]:
+    """(since, per sender's role) for the gestures sent in the last `days` days."""
+    rows = await conn.fetch(STATS_SQL, relationship_id, days)
+    per: dict[str, SenderStats] = {}
+    for r in rows:
+        if r["sent_by"] is None:  # no gesture in the window
+            continue
+        per[r["sent_by"]] = SenderStats(
+            {k: r[k] for k in ("hug", "kiss", "thinking_of_you")},
+            r["total"],
+            r["acknowledged"],
+            r["answered"],
+            r["median"],
+        )
+    return rows[0]["since"], per
+
+
+async def streak_days(conn: Connection, relationship_id: uuid.UUID) -> int:
+    return await conn.fetchval(STREAK_SQL, relationship_id)
+
+
 # ---------------------------------------------------------------------------- outbox
 
 
@@ -592,6 +815,22 @@ async def take_outbox(conn: Connection, min_age: float, limit: int) -> list[Outb
 
 async def delete_outbox(conn: Connection, ids: Sequence[int]) -> None:
     await conn.execute("DELETE FROM gesture_outbox WHERE id = any($1::bigint[])", ids)
+
+
+async def outbox_backlog(conn: Connection) -> tuple[int, float]:
+    """Rows in the outbox, and the age in seconds of the oldest (0 when empty)."""
+    row = await conn.fetchrow(
+        """SELECT count(*) AS n,
+        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
+        FROM gesture_outbox"""
+    )
+    return row["n"], row["oldest"]
+
+
+def pool_usage(pool: Pool) -> tuple[int, int, int]:
+    """(connections lent out, connections open, the most it may open) of the pool."""
+    size = pool.get_size()
+    return size - pool.get_idle_size(), size, pool.get_max_size()
 
 
 # ---------------------------------------------------------------------------- group commit

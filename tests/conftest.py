@@ -11,7 +11,6 @@ import asyncio
 import os
 import socket
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -24,9 +23,11 @@ import pytest
 import redis
 import uvicorn
 
-from service import auth, store
+from service import auth, cli, store
 from service.app import create_app
-from service.config import Settings
+from service.config import Settings, uvicorn_options
+
+from .support_cluster import LocalCluster, missing_binaries
 
 SECRET = "test-secret-that-is-long-enough-for-hs256!"
 ROOT = Path(__file__).resolve().parent.parent
@@ -73,6 +74,19 @@ def redis_url(tmp_path_factory: pytest.TempPathFactory) -> str:
     from service import embedded
 
     return embedded.start_redis(tmp_path_factory.mktemp("embedded-redis"))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """A local Redis Cluster of three masters and three replicas, for the session."""
+    if (reason := missing_binaries()) is not None:
+        pytest.skip(f"no local Redis Cluster: {reason}")
+    cluster = LocalCluster(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
 
 
 def _with_database(dsn: str, name: str) -> str:
@@ -167,6 +181,7 @@ def settings_env(s: Settings) -> dict[str, str]:
     env.update(
         DATABASE_URL=s.database_url,
         REDIS_URL=s.redis_url,
+        REDIS_CLUSTER="true" if s.redis_cluster else "false",
         JWT_SECRET=s.jwt_secret,
         CHANNEL_PREFIX=s.channel_prefix,
         PRESENCE_PREFIX=s.presence_prefix,
@@ -176,10 +191,13 @@ def settings_env(s: Settings) -> dict[str, str]:
         PRESENCE_TTL=str(s.presence_ttl),
         DB_TIMEOUT=str(s.db_timeout),
         WS_QUEUE_SIZE=str(s.ws_queue_size),
-        WS_IDLE_TIMEOUT=str(s.ws_idle_timeout),
         WS_GREETING_LIMIT=str(s.ws_greeting_limit),
+        WS_PER_MESSAGE_DEFLATE=str(s.ws_per_message_deflate).lower(),
+        WS_PING_INTERVAL=str(s.ws_ping_interval),
+        WS_PING_TIMEOUT=str(s.ws_ping_timeout),
         RATE_LIMIT_PER_MINUTE=str(s.rate_limit_per_minute),
         SHUTDOWN_TIMEOUT=str(s.shutdown_timeout),
+        RELATIONSHIP_CACHE_TTL=str(s.relationship_cache_ttl),
     )
     return env
 
@@ -204,15 +222,16 @@ class _Listening:
 class InProcess(_Listening):
     """A uvicorn.Server on the test's own event loop."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, ws: str = cli.WS_PROTOCOL) -> None:
         self.settings = settings
         config = uvicorn.Config(
             create_app(settings),
             host="127.0.0.1",
             port=0,
-            ws="wsproto",
+            ws=ws,
             log_level="warning",
             lifespan="on",
+            **uvicorn_options(settings),
         )
         self.server = uvicorn.Server(config)
         self.task: asyncio.Task | None = None
@@ -268,20 +287,7 @@ class Process(_Listening):
     def start(self) -> None:
         with open(self.log_path, "ab") as log:
             self.popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "uvicorn",
-                    "service.app:app",
-                    "--port",
-                    str(self.port),
-                    "--ws",
-                    "wsproto",
-                    "--ws-max-size",
-                    "16384",
-                    "--timeout-graceful-shutdown",
-                    "10",
-                ],
+                cli.uvicorn_command(self.settings, self.port),
                 env=settings_env(self.settings),
                 cwd=ROOT,
                 stdout=log,
@@ -349,6 +355,17 @@ def bearer(tok: str) -> dict[str, str]:
     return {"Authorization": f"Bearer {tok}"}
 
 
+# The role each test user's token plays, so helpers can name it as the seed's clients do
+# (`sender_id`, `acknowledged_by`, `partner_id` are required).
+ROLE_OF_TOKEN: dict[str, str] = {}
+
+
+def role_for(headers: dict[str, str] | None, default: str = "partner_a") -> str:
+    """The role of the user whose `Authorization` header this is (`default` if unknown)."""
+    auth = (headers or {}).get("Authorization", "")
+    return ROLE_OF_TOKEN.get(auth.removeprefix("Bearer "), default)
+
+
 class Couple:
     """A relationship of two fresh users, with their tokens."""
 
@@ -360,6 +377,8 @@ class Couple:
         self.b_token = token(self.b)
         self.a_headers = bearer(self.a_token)
         self.b_headers = bearer(self.b_token)
+        ROLE_OF_TOKEN[self.a_token] = "partner_a"
+        ROLE_OF_TOKEN[self.b_token] = "partner_b"
 
     def token_of(self, role: str) -> str:
         return self.a_token if role == "partner_a" else self.b_token

@@ -20,7 +20,7 @@ from redis.exceptions import AuthenticationError
 
 from service.schemas import event_decoder
 
-from .conftest import free_port
+from .conftest import free_port, role_for
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -36,6 +36,7 @@ GESTURE_FIELDS = {
     "acknowledged_at",
     "acknowledged_by",
     "response_gesture_id",
+    "ai_context_used",  # added to the contract's fields: a suggestion's context, or null
 }
 
 
@@ -73,15 +74,23 @@ async def gesture_row(conn: asyncpg.Connection, gesture_id: uuid.UUID | str) -> 
 
 
 def send_body(relationship_id: uuid.UUID, **fields: Any) -> dict:
-    body: dict[str, Any] = {"relationship_id": str(relationship_id), "gesture_type": "hug"}
+    """A send body; `sender_id` is partner_a unless given (or None, to leave it out)."""
+    body: dict[str, Any] = {
+        "relationship_id": str(relationship_id),
+        "gesture_type": "hug",
+        "sender_id": "partner_a",
+    }
     body.update(fields)
+    if body["sender_id"] is None:
+        del body["sender_id"]
     return body
 
 
 async def send(
     client: httpx.AsyncClient, relationship_id: uuid.UUID, headers: dict, **fields: Any
 ) -> dict:
-    """Send a gesture that must succeed; the answer's gesture."""
+    """Send a gesture that must succeed, as the role the headers' user plays; its gesture."""
+    fields.setdefault("sender_id", role_for(headers))
     r = await client.post(
         "/api/gestures/send", json=send_body(relationship_id, **fields), headers=headers
     )

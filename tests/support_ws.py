@@ -26,7 +26,12 @@ async def send_http(
     **body,
 ) -> dict:
     """POST /api/gestures/send as `role`; the answer's JSON (asserting 200)."""
-    payload = {"relationship_id": str(couple.id), "gesture_type": "hug", **body}
+    payload = {
+        "relationship_id": str(couple.id),
+        "gesture_type": "hug",
+        "sender_id": role,
+        **body,
+    }
     r = await http.post(
         f"{base_url}/api/gestures/send", json=payload, headers=headers_of(couple, role)
     )

@@ -11,7 +11,7 @@ import pytest
 from service import store
 from service.schemas import MAX_BODY
 
-from .conftest import Couple, InProcess, bearer, make_settings, token
+from .conftest import Couple, InProcess, bearer, make_settings, role_for, token
 from .support_helpers import (
     Events,
     assert_error,
@@ -30,14 +30,15 @@ pytestmark = pytest.mark.anyio
 async def acknowledge(
     api, couple: Couple, gesture_id: str, headers=None, **fields
 ) -> httpx.Response:
+    headers = headers or couple.b_headers
+    fields.setdefault("acknowledged_by", role_for(headers))
     return await api.post(
-        "/api/gestures/acknowledge",
-        json={"gesture_id": gesture_id, **fields},
-        headers=headers or couple.b_headers,
+        "/api/gestures/acknowledge", json={"gesture_id": gesture_id, **fields}, headers=headers
     )
 
 
 async def pending(api, couple: Couple, headers, **params) -> dict:
+    params.setdefault("partner_id", role_for(headers))
     r = await api.get(
         "/api/gestures/pending",
         params={"relationship_id": str(couple.id), **params},
@@ -100,7 +101,9 @@ async def test_recipient_online_is_true_while_the_recipient_holds_a_websocket(ap
         assert r.status_code == 200 and r.json()["recipient_online"] is True
         # The sender's own connection does not make the recipient online.
         r = await api.post(
-            "/api/gestures/send", json=send_body(couple.id), headers=couple.b_headers
+            "/api/gestures/send",
+            json=send_body(couple.id, sender_id="partner_b"),
+            headers=couple.b_headers,
         )
         assert r.status_code == 200 and r.json()["recipient_online"] is False
     finally:
@@ -349,7 +352,7 @@ BAD_ACKS = {
 async def test_bad_acknowledge_field_is_422_naming_it_and_changes_nothing(api, couple, db):
     g = await send(api, couple.id, couple.a_headers)
     for case, (change, field) in BAD_ACKS.items():
-        body = {"gesture_id": g["id"], "send_back": True, **change}
+        body = {"gesture_id": g["id"], "acknowledged_by": "partner_b", "send_back": True, **change}
         r = await api.post("/api/gestures/acknowledge", json=body, headers=couple.b_headers)
         assert_error(r, 422, field, case=case)
     assert (await gesture_row(db, g["id"]))["acknowledged_at"] is None
@@ -425,7 +428,10 @@ async def test_body_over_16_kib_is_413_with_or_without_a_length(api, couple, db)
 
 
 async def test_body_of_16_kib_exactly_is_read(api, couple):
-    head = b'{"relationship_id": "%s", "gesture_type": "hug"' % str(couple.id).encode()
+    head = (
+        b'{"relationship_id": "%s", "gesture_type": "hug", "sender_id": "partner_a"'
+        % str(couple.id).encode()
+    )
     content = head + b" " * (MAX_BODY - len(head) - 1) + b"}"
     assert len(content) == MAX_BODY
     r = await api.post("/api/gestures/send", content=content, headers=couple.a_headers)
@@ -529,7 +535,7 @@ async def test_idempotency_key_is_per_sender(api, couple, db):
     )
     b = await api.post(
         "/api/gestures/send",
-        json=send_body(couple.id),
+        json=send_body(couple.id, sender_id="partner_b"),
         headers={**couple.b_headers, "Idempotency-Key": "shared"},
     )
     assert a.json()["gesture"]["id"] != b.json()["gesture"]["id"]

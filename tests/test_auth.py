@@ -56,9 +56,23 @@ def _requests(couple: Couple, gesture_id: str) -> list[tuple[str, str, dict]]:
     rel = str(couple.id)
     return [
         ("POST", "/api/gestures/send", {"json": send_body(couple.id)}),
-        ("POST", "/api/gestures/acknowledge", {"json": {"gesture_id": gesture_id}}),
-        ("GET", "/api/gestures/pending", {"params": {"relationship_id": rel}}),
+        (
+            "POST",
+            "/api/gestures/acknowledge",
+            {"json": {"gesture_id": gesture_id, "acknowledged_by": "partner_b"}},
+        ),
+        (
+            "GET",
+            "/api/gestures/pending",
+            {"params": {"relationship_id": rel, "partner_id": "partner_a"}},
+        ),
         ("GET", "/api/gestures/recent", {"params": {"relationship_id": rel}}),
+        ("GET", "/api/gestures/stats", {"params": {"relationship_id": rel}}),
+        (
+            "POST",
+            "/api/gestures/generate-message",
+            {"json": {"relationship_id": rel, "sender_id": "partner_a", "gesture_type": "hug"}},
+        ),
         ("GET", f"/api/gestures/{gesture_id}", {}),
         (
             "PUT",
@@ -98,7 +112,9 @@ async def test_outsider_and_missing_relationship_get_the_same_403(api, couple, d
         answers = [
             await api.post("/api/gestures/send", json=send_body(rel), headers=headers),
             await api.get(
-                "/api/gestures/pending", params={"relationship_id": str(rel)}, headers=headers
+                "/api/gestures/pending",
+                params={"relationship_id": str(rel), "partner_id": "partner_a"},
+                headers=headers,
             ),
             await api.get(
                 "/api/gestures/recent", params={"relationship_id": str(rel)}, headers=headers
@@ -189,7 +205,7 @@ async def test_relationship_made_by_the_service_is_usable_at_once_by_its_partner
         headers=bearer(token(service=True)),
     )
     assert r.status_code == 200
-    g = await send(api, rel, bearer(token("bob-" + rel.hex)))
+    g = await send(api, rel, bearer(token("bob-" + rel.hex)), sender_id="partner_b")
     assert g["sent_by"] == "partner_b"
 
 
@@ -228,7 +244,9 @@ async def test_service_token_acts_as_the_partner_the_body_names(api, couple, db)
 
 async def test_service_token_must_name_the_partner_it_acts_as(api, couple, db):
     r = await api.post(
-        "/api/gestures/send", json=send_body(couple.id), headers=bearer(token(service=True))
+        "/api/gestures/send",
+        json=send_body(couple.id, sender_id=None),
+        headers=bearer(token(service=True)),
     )
     assert_error(r, 422, "sender_id")
     assert await gesture_count(db, couple.id) == 0
@@ -255,12 +273,12 @@ async def test_gesture_of_another_relationship_is_404_like_a_missing_one(
     assert got_theirs.json() == got_missing.json()
     ack_theirs = await api.post(
         "/api/gestures/acknowledge",
-        json={"gesture_id": theirs["id"], "send_back": True},
+        json={"gesture_id": theirs["id"], "acknowledged_by": "partner_b", "send_back": True},
         headers=couple.b_headers,
     )
     ack_missing = await api.post(
         "/api/gestures/acknowledge",
-        json={"gesture_id": missing, "send_back": True},
+        json={"gesture_id": missing, "acknowledged_by": "partner_b", "send_back": True},
         headers=couple.b_headers,
     )
     assert_error(ack_theirs, 404)

@@ -47,3 +47,26 @@ def test_non_numeric_tuning_variable_is_refused_by_name():
         from_env({**GOOD, "RATE_LIMIT_PER_MINUTE": "lots"})
     with pytest.raises(ConfigError, match="DB_TIMEOUT"):
         from_env({**GOOD, "DB_TIMEOUT": "soon"})
+
+
+def test_compression_is_off_unless_turned_on_and_a_bad_flag_is_refused_by_name():
+    assert from_env(GOOD).ws_per_message_deflate is False
+    assert from_env({**GOOD, "WS_PER_MESSAGE_DEFLATE": "true"}).ws_per_message_deflate is True
+    with pytest.raises(ConfigError, match="WS_PER_MESSAGE_DEFLATE"):
+        from_env({**GOOD, "WS_PER_MESSAGE_DEFLATE": "maybe"})
+
+
+def test_keepalive_pings_every_30_s_by_default_and_0_turns_them_off():
+    s = from_env(GOOD)
+    assert (s.ws_ping_interval, s.ws_ping_timeout) == (30.0, 20.0)
+    assert from_env({**GOOD, "WS_PING_INTERVAL": "0"}).ws_ping_interval == 0
+    with pytest.raises(ConfigError, match="WS_PING_TIMEOUT"):
+        from_env({**GOOD, "WS_PING_TIMEOUT": "0"})
+
+
+def test_cluster_mode_is_off_by_default_and_read_as_a_boolean():
+    assert from_env(GOOD).redis_cluster is False
+    for raw, value in [("true", True), ("TRUE", True), ("1", True), ("false", False), ("0", False)]:
+        assert from_env({**GOOD, "REDIS_CLUSTER": raw}).redis_cluster is value
+    with pytest.raises(ConfigError, match="REDIS_CLUSTER must be true or false"):
+        from_env({**GOOD, "REDIS_CLUSTER": "sometimes"})

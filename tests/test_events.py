@@ -64,7 +64,9 @@ async def test_acknowledge_publishes_gesture_acknowledged_after_it_is_readable(
 ):
     g = await send(api, couple.id, couple.a_headers)
     r = await api.post(
-        "/api/gestures/acknowledge", json={"gesture_id": g["id"]}, headers=couple.b_headers
+        "/api/gestures/acknowledge",
+        json={"gesture_id": g["id"], "acknowledged_by": "partner_b"},
+        headers=couple.b_headers,
     )
     assert r.json()["acknowledged"] is True
     event = await events.expect("gesture.acknowledged", id=g["id"])
@@ -83,7 +85,7 @@ async def test_acknowledge_with_send_back_publishes_the_ack_and_the_response(
     g = await send(api, couple.id, couple.a_headers, gesture_type="thinking_of_you")
     r = await api.post(
         "/api/gestures/acknowledge",
-        json={"gesture_id": g["id"], "send_back": True},
+        json={"gesture_id": g["id"], "acknowledged_by": "partner_b", "send_back": True},
         headers=couple.b_headers,
     )
     response = r.json()["response_gesture"]
@@ -231,7 +233,7 @@ async def test_postgres_unreachable_answers_503_within_5_seconds_then_recovers(
                 _timed(
                     api.get(
                         "/api/gestures/pending",
-                        params={"relationship_id": str(unknown.id)},
+                        params={"relationship_id": str(unknown.id), "partner_id": "partner_b"},
                         headers=unknown.b_headers,
                     )
                 ),

@@ -1,5 +1,5 @@
 """The WebSocket edge on one in-process server: authentication, every frame flow of the
-contract's section 5, bad frames, limits, delivery marks and the idle timeout."""
+contract's section 5, bad frames, limits, delivery marks and the keepalive."""
 
 import asyncio
 import json
@@ -14,8 +14,10 @@ from websockets.asyncio.client import connect as ws_connect
 from .conftest import SECRET, Couple, InProcess, make_couple, make_settings, token
 from .support_helpers import eventually
 from .support_ws import (
+    SilentClient,
     close_quietly,
     connect,
+    no_frame,
     refused,
     send_http,
 )
@@ -439,24 +441,31 @@ async def test_sending_past_the_rate_limit_over_websocket_gets_rate_limited(
         await s.stop()
 
 
-async def test_a_silent_connection_is_closed_after_the_idle_timeout_but_pings_keep_one_open(
-    database_url: str, redis_url: str, prefix: str, couple: Couple
+@pytest.mark.parametrize(
+    "ws", ["service.wsserver:WSProtocol", "service.wsserver:SansioWSProtocol", "wsproto"]
+)
+async def test_a_peer_that_stops_answering_pings_is_closed_and_a_quiet_one_that_answers_stays(
+    database_url: str, redis_url: str, prefix: str, couple: Couple, ws: str
 ):
-    s = InProcess(make_settings(database_url, redis_url, prefix, ws_idle_timeout=1))
+    """The one keepalive: protocol pings (one timer per process, service.wsserver), which
+    browsers answer by themselves; no idle timeout."""
+    settings = make_settings(
+        database_url, redis_url, prefix, ws_ping_interval=0.3, ws_ping_timeout=0.3
+    )
+    s = InProcess(settings, ws)
     await s.start()
     try:
-        silent = await connect(s.ws_url, couple, "partner_a")
-        chatty = await connect(s.ws_url, couple, "partner_b")
-        closed = asyncio.create_task(silent.closed_with(timeout=5))
-        while not closed.done():
-            await chatty.send(type="ping", request_id="keepalive")
-            await chatty.expect("pong", request_id="keepalive")
-            await asyncio.wait({closed}, timeout=0.3)
-        assert closed.result() == 1000
-        assert silent.ws.close_reason == "idle timeout"
-        await chatty.send(type="ping", request_id="still")
-        await chatty.expect("pong", request_id="still")
-        await chatty.close()
+        quiet = await connect(s.ws_url, couple, "partner_b")  # sends nothing, answers pings
+        dead = await SilentClient.open(s.port, couple.id, couple.a_token)  # answers nothing
+        await quiet.expect("presence", partner="partner_a", online=True)
+        await dead.dropped(timeout=5)
+        await quiet.expect("presence", partner="partner_a", online=False, timeout=5)
+        # Several ping periods later the quiet one is still open and served.
+        assert await no_frame(quiet, 2.0) == []
+        await quiet.send(type="ping", request_id="still")
+        await quiet.expect("pong", request_id="still")
+        await quiet.close()
+        dead.close()
     finally:
         await s.stop()
 
@@ -482,3 +491,57 @@ async def test_the_token_never_appears_in_the_process_log(processes, couple: Cou
     assert couple.a_token not in text
     assert bad not in text
     assert "token=[redacted]" in text
+
+
+# ---------------------------------------------------------------------------- presence races
+
+
+async def test_a_presence_change_during_the_greeting_is_not_undone_by_the_greetings_read():
+    """The partner comes online while the greeting reads presence, and the read misses it
+    (it ran first): the live change wins, so when the partner later goes offline that change
+    is pushed too, instead of being taken for no change."""
+    from service.gateway import Gateway
+    from service.hub import Connection, Hub
+
+    settings = make_settings("postgresql://unused", "redis://unused", "t:")
+    read_started, release_read = asyncio.Event(), asyncio.Event()
+
+    class SlowPresence:
+        async def is_online(self, relationship_id, role) -> bool:
+            read_started.set()
+            await release_read.wait()
+            return False  # read before the partner's connection counted
+
+    class NoPending:
+        async def pending_for(self, relationship_id, role, *limit) -> list:
+            return []
+
+        async def pending_many(self, wanted, limit) -> dict:
+            return {pair: [] for pair in wanted}
+
+    class NoSubscriber:
+        def keep(self, channels) -> None:
+            pass
+
+    gateway = Gateway(settings, NoPending(), SlowPresence(), Hub(), lambda *_: NoSubscriber(), None)
+    frames: list[dict] = []
+
+    async def send(frame: bytes) -> None:
+        frames.append(json.loads(frame))
+
+    async def close(code: int, reason: str) -> None:
+        pass
+
+    rel = uuid.uuid4()
+    conn = Connection(rel, "partner_a", send=send, close=close, on_delivered=print, limit=16)
+    gateway.hub.add(conn)
+    channel = f"{settings.presence_prefix}{rel}"
+    greeting = asyncio.create_task(gateway._greet(conn))
+    await asyncio.wait_for(read_started.wait(), 5)
+    gateway.on_message(channel, b'{"partner":"partner_b","online":true}')
+    release_read.set()
+    await asyncio.wait_for(greeting, 5)
+    gateway.on_message(channel, b'{"partner":"partner_b","online":false}')
+    await eventually(lambda: len(frames) >= 2 and not frames[-1]["online"], timeout=2)
+    assert [f["type"] for f in frames] == ["presence"] * len(frames)
+    assert frames[-1] == {"type": "presence", "partner": "partner_b", "online": False}

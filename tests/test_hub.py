@@ -242,3 +242,68 @@ async def test_hub_reports_the_last_connection_of_a_relationship_leaving():
     assert hub.remove(two) is True
     assert hub.relationships() == [] and len(hub) == 0
     assert hub.push(rel, "partner_b", b"x") == 0
+
+
+# ---------------------------------------------------------------------------- access ends
+
+
+def expiring(sock: FakeSocket, expires: float, relationship_id=None) -> Connection:
+    return Connection(
+        relationship_id or uuid.uuid4(),
+        "partner_b",
+        send=sock.send,
+        close=sock.close,
+        on_delivered=sock.on_delivered,
+        limit=8,
+        user_id="bob",
+        expires=expires,
+    )
+
+
+async def test_expired_returns_each_connection_once_when_its_second_has_come():
+    hub, sock = Hub(), FakeSocket()
+    early, late = expiring(sock, 100.2), expiring(sock, 105.0)
+    forever = sock.connection()  # a token without expiry is never due
+    for conn in (early, late, forever):
+        hub.add(conn)
+    assert hub.expired(100.5) == []  # filed by the second rounded up: due at 101
+    assert hub.expired(101.0) == [early]
+    assert hub.expired(101.0) == []
+    assert hub.expired(1e12) == [late]
+
+
+async def test_a_removed_or_closed_connection_is_never_returned_as_expired():
+    hub, sock = Hub(), FakeSocket()
+    gone, closed = expiring(sock, 50.0), expiring(sock, 50.0)
+    hub.add(gone)
+    hub.add(closed)
+    hub.remove(gone)
+    closed.closed = True
+    assert hub.expired(60.0) == []
+
+
+async def test_the_deadline_heap_stays_bounded_under_churn():
+    """A socket that reconnects over and over with the same token leaves no trail."""
+    hub, sock = Hub(), FakeSocket()
+    rel = uuid.uuid4()
+    for i in range(10_000):
+        conn = expiring(sock, 1_000.0 + i % 3_000, rel)
+        hub.add(conn)
+        hub.remove(conn)
+    assert len(hub._expiring._heap) <= 64 + 1
+    assert len(hub._expiring) == 0
+
+
+async def test_end_closes_with_the_code_and_drops_what_was_queued():
+    sock = FakeSocket()
+    sock.gate.clear()  # the peer is not reading: frames stay queued
+    conn = sock.connection()
+    conn.open([(b"greeting", None, None)])
+    conn.push(b"queued")
+    conn.end(4403, "no longer a partner")
+    conn.push(b"after")
+    sock.gate.set()
+    await until(lambda: sock.closed)
+    assert sock.closed == [(4403, "no longer a partner")]
+    await until(lambda: not writers())
+    assert b"queued" not in sock.sent and b"after" not in sock.sent

@@ -13,7 +13,12 @@ from .conftest import ROOT, SECRET, make_settings, settings_env
 
 pytestmark = pytest.mark.anyio
 
-VERSIONS = ["010_relationships", "011_connection_gestures", "012_gesture_service"]
+VERSIONS = [
+    "010_relationships",
+    "011_connection_gestures",
+    "012_gesture_service",
+    "013_gesture_suggestions",
+]
 
 
 async def run(*argv: str, env: dict[str, str], timeout: float = 60.0) -> tuple[int, str]:

@@ -4,6 +4,7 @@ killed, a Redis restart, a client that stops reading, SIGTERM)."""
 
 import asyncio
 import collections
+import re
 import signal
 import time
 import uuid
@@ -21,6 +22,7 @@ from .support_ws import (
     connect,
     gather,
     gather_received,
+    headers_of,
     no_frame,
     refused,
     send_http,
@@ -39,7 +41,7 @@ async def http():
 
 
 def presence_key(settings, couple: Couple, role: str) -> str:
-    return f"{settings.presence_prefix}{couple.id}:{role}"
+    return f"{settings.presence_prefix}{{{couple.id}}}:{role}"
 
 
 # ---------------------------------------------------------------------------- frame flows
@@ -197,7 +199,7 @@ async def test_presence_follows_a_partner_across_processes_without_flapping_on_r
         key = presence_key(settings, couple, "partner_b")
 
         async def one_entry() -> bool:
-            return await redis.zcard(key) == 1
+            return await redis.scard(key) == 1
 
         await eventually(one_entry, timeout=5)
         await b.send(type="gesture", gesture_type="hug", request_id="barrier")
@@ -228,11 +230,22 @@ async def test_kill_9_of_a_process_takes_its_partner_offline_within_the_ttl(
     await a.expect("presence", partner="partner_b", online=False, timeout=ttl + 3)
     assert time.monotonic() - killed_at <= ttl + 1.5
     assert (await send_http(http, p1.url, couple))["recipient_online"] is False
+    # The survivor removed the dead process's entries and its liveness: nothing lingers.
+    dead_node = re.search(r"ready pid=\d+ node=(\w+)", p2.log()).group(1)
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zcard(presence_key(settings, couple, "partner_b")) == 0
+        assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
+
+        async def reaped() -> bool:
+            prefix = settings.presence_prefix
+            return not await redis.exists(f"{prefix}entries:{dead_node}") and (
+                await redis.zscore(f"{prefix}nodes", dead_node) is None
+            )
+
+        await eventually(reaped, timeout=5)
     finally:
         await redis.aclose()
+    assert "removed a dead process's entries" in p1.log()
     # A is still served by p1.
     await a.send(type="ping", request_id="alive")
     await a.expect("pong", request_id="alive")
@@ -321,12 +334,15 @@ async def test_every_committed_gesture_reaches_the_online_recipient_across_a_red
 async def test_a_client_that_stops_reading_is_dropped_while_others_keep_receiving(
     processes, database_url: str, http: httpx.AsyncClient
 ):
-    [p] = await processes(1, ws_queue_size=16, rate_limit_per_minute=100_000)
+    [p] = await processes(
+        1, ws_queue_size=16, rate_limit_per_minute=100_000, ws_greeting_limit=10_000
+    )
     slow_couple = await make_couple(database_url)
     other = await make_couple(database_url)
     # Loopback TCP buffers a few MB before the server's writes block (the kernel grows the
-    # send buffer to tcp_wmem's max): a backlog of pending gestures fills them at connect,
-    # so the live gestures that follow find the socket stuck.
+    # send buffer to tcp_wmem's max): a backlog of pending gestures, greeted whole under a
+    # raised WS_GREETING_LIMIT, fills them at connect, so the live gestures that follow find
+    # the socket stuck.
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(
@@ -388,7 +404,7 @@ async def test_sigterm_closes_sockets_with_1012_and_the_client_resumes_on_anothe
     assert "shutdown did not finish cleanly" not in log
     redis = aioredis.Redis.from_url(settings.redis_url)
     try:
-        assert await redis.zcard(presence_key(settings, couple, "partner_b")) == 0
+        assert await redis.scard(presence_key(settings, couple, "partner_b")) == 0
     finally:
         await redis.aclose()
 
@@ -497,3 +513,31 @@ async def test_a_connect_storm_greets_every_socket_with_its_own_relationship_onl
         live = (await client.expect("gesture_received"))["gesture"]
         assert live["relationship_id"] == str(c.id) and live["gesture_type"] == "hug"
     await close_quietly(*opened)
+
+
+async def test_the_greeting_sends_at_most_the_limit_oldest_first_and_http_lists_the_rest(
+    processes, couple: Couple, http: httpx.AsyncClient
+):
+    p1, p2 = await processes(2, ws_greeting_limit=3)
+    sent = [
+        (await send_http(http, p1.url, couple, message=f"#{i}"))["gesture"]["id"] for i in range(5)
+    ]
+    b = await Client.open(p2.ws_url, couple.id, couple.b_token)
+    greeting = [await b.recv() for _ in range(4)]
+    assert greeting[0]["type"] == "presence"
+    assert [f["gesture"]["id"] for f in greeting[1:]] == sent[:3]
+    # Nothing more of the greeting: the next frame is the answer to a ping.
+    await b.send(type="ping", request_id="after-greeting")
+    assert await b.recv() == {"type": "pong", "request_id": "after-greeting"}
+    # The other two stay pending, readable over HTTP, oldest first.
+    r = await http.get(
+        f"{p2.url}/api/gestures/pending",
+        params={"relationship_id": str(couple.id), "partner_id": "partner_b"},
+        headers=headers_of(couple, "partner_b"),
+    )
+    assert r.status_code == 200, r.text
+    assert [g["id"] for g in r.json()["gestures"]] == sent
+    # A live gesture still arrives after a limited greeting.
+    live = (await send_http(http, p1.url, couple, message="live"))["gesture"]["id"]
+    assert (await b.expect("gesture_received"))["gesture"]["id"] == live
+    await close_quietly(b)

@@ -100,7 +100,12 @@ def test_hostile_input_is_rejected_cleanly(name, data):
 
 
 def _send(message: str) -> SendGestureBody:
-    body = {"relationship_id": REL, "gesture_type": "hug", "message": message}
+    body = {
+        "relationship_id": REL,
+        "gesture_type": "hug",
+        "sender_id": "partner_a",
+        "message": message,
+    }
     return send_body_decoder.decode(json.dumps(body).encode())
 
 
@@ -126,7 +131,7 @@ def test_note_with_newline_and_tab_is_accepted():
 
 
 def test_send_back_note_and_ws_note_follow_the_same_rules():
-    ack = {"gesture_id": REL, "send_back": True}
+    ack = {"gesture_id": REL, "acknowledged_by": "partner_b", "send_back": True}
     ok = acknowledge_body_decoder.decode(json.dumps({**ack, "send_back_message": "a\nb"}))
     assert isinstance(ok, AcknowledgeBody)
     for bad in ("x" * 281, "\u0085"):

@@ -22,7 +22,7 @@ async def test_send_reaches_partner_on_another_process(processes, couple: Couple
 async def test_in_process_server_answers(api, couple: Couple):
     r = await api.get(
         "/api/gestures/pending",
-        params={"relationship_id": str(couple.id)},
+        params={"relationship_id": str(couple.id), "partner_id": "partner_b"},
         headers=couple.b_headers,
     )
     assert r.status_code == 200
