@@ -44,8 +44,9 @@ from datetime import UTC, datetime
 from starlette.websockets import WebSocket, WebSocketState
 
 from . import errors, metrics
-from .auth import Verifier, bearer
+from .auth import Verifier, bearer, role_of
 from .bus import Subscriber, control_channel
+from .coalesce import Coalescer
 from .config import Settings
 from .gestures import Gestures
 from .hub import Connection, Dedupe, Hub
@@ -113,6 +114,10 @@ class Gateway:
         self._control = control_channel(settings.presence_prefix)
         self.subscriber.keep([self._control])
         self.closing = False
+        # A connect storm's reads, one query or command for the sockets of the same moment.
+        self._relationships = Coalescer(lambda ids: self._gestures.relationships(ids))
+        self._subscribe = Coalescer(self._subscribe_many)
+        self._pending = Coalescer(self._pending_many)
 
     # ------------------------------------------------------------------ events in
 
@@ -296,10 +301,22 @@ class Gateway:
     async def _join(self, conn: Connection) -> None:
         rel = conn.relationship_id
         if self.hub.add(conn):
-            channels = [self._gestures.channel(rel), self._presence.channel(rel)]
-            future = asyncio.ensure_future(self.subscriber.subscribe(channels))
+            future = asyncio.ensure_future(self._subscribe.get(rel))
             self._subscriptions[rel] = future
         await asyncio.shield(self._subscriptions[rel])
+
+    async def _subscribe_many(self, relationship_ids: list[uuid.UUID]) -> dict[uuid.UUID, bool]:
+        """One SUBSCRIBE for the channels of every relationship joined at the same moment."""
+        channels = []
+        for rel in relationship_ids:
+            channels += [self._gestures.channel(rel), self._presence.channel(rel)]
+        ok = await self.subscriber.subscribe(channels)
+        return dict.fromkeys(relationship_ids, ok)
+
+    async def _pending_many(
+        self, wanted: list[tuple[uuid.UUID, str]]
+    ) -> dict[tuple[uuid.UUID, str], list[Gesture]]:
+        return await self._gestures.pending_many(wanted, self._settings.ws_greeting_limit)
 
     async def _leave(self, conn: Connection) -> None:
         rel = conn.relationship_id
@@ -322,9 +339,8 @@ class Gateway:
             return await _refuse(ws, SERVICE_RESTART, "shutting down")
         changes = self._gestures.changes
         try:
-            role = await self._gestures.role_in(
-                caller, relationship_id, ws.query_params.get("partner_id")
-            )
+            relationship = await self._relationships.get(relationship_id)
+            role = role_of(caller, relationship, ws.query_params.get("partner_id"))
         except (errors.Forbidden, errors.Invalid) as exc:
             return await _refuse(ws, FORBIDDEN, exc.message)
         except errors.Unavailable:
@@ -377,13 +393,11 @@ class Gateway:
 
     async def _greet(self, conn: Connection) -> None:
         """The other partner's presence, then the oldest `ws_greeting_limit` pending
-        gestures, oldest first; the rest stay pending, readable over HTTP."""
+        gestures, oldest first (the rest stay pending, readable over HTTP)."""
         other = other_role(conn.role)
         online, pending = await asyncio.gather(
             self._presence.is_online(conn.relationship_id, other),
-            self._gestures.pending_for(
-                conn.relationship_id, conn.role, self._settings.ws_greeting_limit
-            ),
+            self._pending.get((conn.relationship_id, conn.role)),
         )
         if conn.other_online is None:
             conn.other_online = online

@@ -176,6 +176,33 @@ class Gestures:
             self._relationships[relationship_id] = (now + self._relationship_ttl, found)
         return found
 
+    async def relationships(
+        self, relationship_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, Relationship | None]:
+        """Many relationships at once (the gateway's connect storms): cached ones from the
+        cache, the rest in one query, cached by the same rule as `relationship`."""
+        now = time.monotonic()
+        found: dict[uuid.UUID, Relationship | None] = {}
+        missing = []
+        for rid in relationship_ids:
+            hit = self._relationships.get(rid)
+            if hit is not None and hit[0] > now:
+                found[rid] = hit[1]
+            else:
+                missing.append(rid)
+        if missing:
+            changes = self.changes
+            async with store.connection(self._pool, self._timeout) as conn:
+                read = await store.get_relationships(conn, missing)
+            cache = self._relationship_ttl > 0 and changes == self.changes
+            if cache and len(self._relationships) > 100_000:
+                self._relationships.clear()
+            for rid in missing:
+                row = found[rid] = read.get(rid)
+                if cache and row is not None and row.partner_a_id and row.partner_b_id:
+                    self._relationships[rid] = (now + self._relationship_ttl, row)
+        return found
+
     async def role_in(self, caller: Caller, relationship_id: uuid.UUID, named: str | None) -> str:
         return role_of(caller, await self.relationship(relationship_id), named)
 
@@ -567,6 +594,14 @@ class Gestures:
         """What waits for `role`, oldest first: all of it, or the first `limit`."""
         async with store.connection(self._pool, self._timeout) as conn:
             return await store.pending(conn, relationship_id, role, limit)
+
+    async def pending_many(
+        self, wanted: list[tuple[uuid.UUID, str]], limit: int
+    ) -> dict[tuple[uuid.UUID, str], list[Gesture]]:
+        """The oldest `limit` pending gestures of many (relationship, recipient) pairs, in
+        one query: the greetings of the sockets that connect at the same moment."""
+        async with store.connection(self._pool, self._timeout) as conn:
+            return await store.pending_many(conn, wanted, limit)
 
     async def recent(
         self, caller: Caller, relationship_id: uuid.UUID, limit: int, before: str | None

@@ -488,6 +488,31 @@ async def pending(
     return [_gesture(r) for r in rows]
 
 
+async def pending_many(
+    conn: Connection, wanted: Sequence[tuple[uuid.UUID, str]], limit: int
+) -> dict[tuple[uuid.UUID, str], list[Gesture]]:
+    """For many (relationship, recipient) pairs in one query: the oldest `limit`
+    unacknowledged gestures sent to each recipient, oldest first."""
+    wanted = list(dict.fromkeys(wanted))
+    rows = await conn.fetch(
+        f"""SELECT p.rid AS pair_relationship, p.recipient AS pair_recipient, g.*
+        FROM unnest($1::uuid[], $2::text[]) AS p(rid, recipient)
+        CROSS JOIN LATERAL (
+            SELECT {GESTURE_COLUMNS} FROM connection_gestures c
+            WHERE c.relationship_id = p.rid AND c.sent_by <> p.recipient
+              AND c.acknowledged_at IS NULL
+            ORDER BY c.sent_at, c.id LIMIT $3) g
+        ORDER BY g.sent_at, g.id""",
+        [rid for rid, _ in wanted],
+        [role for _, role in wanted],
+        limit,
+    )
+    found: dict[tuple[uuid.UUID, str], list[Gesture]] = {pair: [] for pair in wanted}
+    for r in rows:
+        found[(r["pair_relationship"], r["pair_recipient"])].append(_gesture(r))
+    return found
+
+
 async def recent(
     conn: Connection,
     relationship_id: uuid.UUID,

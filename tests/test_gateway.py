@@ -516,6 +516,9 @@ async def test_a_presence_change_during_the_greeting_is_not_undone_by_the_greeti
         async def pending_for(self, relationship_id, role, *limit) -> list:
             return []
 
+        async def pending_many(self, wanted, limit) -> dict:
+            return {pair: [] for pair in wanted}
+
     class NoSubscriber:
         def keep(self, channels) -> None:
             pass

@@ -24,6 +24,7 @@ from .support_ws import (
     gather_received,
     headers_of,
     no_frame,
+    refused,
     send_http,
 )
 from .wsclient import Client
@@ -415,6 +416,103 @@ async def test_sigterm_closes_sockets_with_1012_and_the_client_resumes_on_anothe
     assert pending == [first["id"], second["id"]]
     await a.expect("presence", partner="partner_b", online=True)
     await close_quietly(a, b)
+
+
+# ---------------------------------------------------------------------------- connect storms
+
+
+async def _insert_pending(db: asyncpg.Connection, couple: Couple, n: int) -> list[str]:
+    rows = await db.fetch(
+        """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by, message,
+               sent_at)
+           SELECT $1, 'hug', 'partner_a', 'pending ' || i,
+                  now() - interval '1 hour' + i * interval '1 second'
+           FROM generate_series(1, $2) AS i
+           RETURNING id""",
+        couple.id,
+        n,
+    )
+    return [str(r["id"]) for r in rows]
+
+
+async def test_the_greeting_sends_at_most_ws_greeting_limit_pending_the_rest_stay_over_http(
+    processes, couple: Couple, db: asyncpg.Connection
+):
+    [p] = await processes(1, ws_greeting_limit=5)
+    ids = await _insert_pending(db, couple, 8)
+    b = await Client.open(p.ws_url, couple.id, couple.b_token)
+    await b.expect("presence", partner="partner_a")
+    got = [(await b.expect("gesture_received"))["gesture"]["id"] for _ in range(5)]
+    assert got == ids[:5]  # the oldest first
+    # Nothing more of the greeting: the next frame is the answer to this ping.
+    await b.send(type="ping", request_id="after")
+    assert await b.recv() == {"type": "pong", "request_id": "after"}
+    async with httpx.AsyncClient(base_url=p.url) as http:
+        r = await http.get(
+            "/api/gestures/pending",
+            params={"relationship_id": str(couple.id), "partner_id": "partner_b"},
+            headers={"Authorization": f"Bearer {couple.b_token}"},
+        )
+    assert r.status_code == 200
+    assert [g["id"] for g in r.json()["gestures"]] == ids  # all eight stay pending
+    # Acknowledging the five greeted makes the next three the greeting of a new socket.
+    for gesture_id in got:
+        await b.send(type="gesture_acknowledge", gesture_id=gesture_id, request_id=gesture_id)
+        await b.expect("gesture_acknowledged_confirm", request_id=gesture_id)
+    again = await Client.open(p.ws_url, couple.id, couple.b_token)
+    await again.expect("presence", partner="partner_a")
+    rest = [(await again.expect("gesture_received"))["gesture"]["id"] for _ in range(3)]
+    assert rest == ids[5:]
+    await close_quietly(b, again)
+
+
+async def test_a_connect_storm_greets_every_socket_with_its_own_relationship_only(
+    processes, database_url: str, db: asyncpg.Connection
+):
+    """Sockets that connect at the same moment share the coalesced reads (relationships,
+    SUBSCRIBE, pending); each still gets exactly its own greeting, is refused alone when it
+    is not a partner, and receives live gestures afterwards."""
+    [p] = await processes(1)
+    couples = [await make_couple(database_url) for _ in range(20)]
+    for i, c in enumerate(couples):
+        await db.execute(
+            """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by, message)
+               SELECT $1, 'kiss', 'partner_a', 'for ' || $2 FROM generate_series(1, $3)""",
+            c.id,
+            str(c.id),
+            i % 3,
+        )
+    stranger = couples[0]
+    clients = await asyncio.gather(
+        *(Client.open(p.ws_url, c.id, c.b_token) for c in couples),
+        refused(p.ws_url, couples[1].id, stranger.b_token),
+    )
+    *opened, (code, frames) = clients
+    assert code == 4403 and frames == []
+    for i, (c, client) in enumerate(zip(couples, opened, strict=True)):
+        assert await client.recv() == {"type": "presence", "partner": "partner_a", "online": False}
+        for _ in range(i % 3):
+            g = (await client.expect("gesture_received"))["gesture"]
+            assert g["relationship_id"] == str(c.id) and g["message"] == f"for {c.id}"
+        await client.send(type="ping", request_id="p")
+        assert await client.recv() == {"type": "pong", "request_id": "p"}
+    # Subscribed: a live gesture reaches every one of them.
+    async with httpx.AsyncClient(base_url=p.url) as http:
+        for c in couples:
+            r = await http.post(
+                "/api/gestures/send",
+                json={
+                    "relationship_id": str(c.id),
+                    "gesture_type": "hug",
+                    "sender_id": "partner_a",
+                },
+                headers={"Authorization": f"Bearer {c.a_token}"},
+            )
+            assert r.status_code == 200
+    for c, client in zip(couples, opened, strict=True):
+        live = (await client.expect("gesture_received"))["gesture"]
+        assert live["relationship_id"] == str(c.id) and live["gesture_type"] == "hug"
+    await close_quietly(*opened)
 
 
 async def test_the_greeting_sends_at_most_the_limit_oldest_first_and_http_lists_the_rest(
