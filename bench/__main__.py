@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster]`.
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,socketio]`.
 
 Starts its own database, two service processes and the load generators, runs the steps,
 prints a table per step, writes every figure as JSON, and cleans up even on Ctrl-C.
@@ -16,7 +16,7 @@ from pathlib import Path
 
 import psutil
 
-from . import cluster, steps
+from . import cluster, peer, steps
 from .infra import ROOT, Bench, free_port
 
 STEPS = {
@@ -26,6 +26,7 @@ STEPS = {
     "latency": steps.latency,
     "connections": steps.connections,
     "cluster": cluster.cluster,
+    "socketio": peer.socketio,
 }
 
 
@@ -90,6 +91,7 @@ def main() -> int:
             bench.start_service("p1", ports[0])
             bench.start_service("p2", ports[1])
             result["database"] = bench.db
+            bench.results = result["steps"]
             print(f"bench: database {bench.db}, services on ports {ports}, logs in {bench.tmp}")
             for name in only:
                 t = time.time()
