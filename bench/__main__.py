@@ -1,4 +1,4 @@
-"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster]`,
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster,socketio]`,
 and `python -m bench chaos [--quick]` (see `bench/chaos.py`).
 
 Starts its own database, two service processes and the load generators, runs the steps,
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psutil
 
-from . import cluster, steps
+from . import cluster, peer, steps
 from .infra import ROOT, Bench, free_port
 
 STEPS = {
@@ -27,6 +27,7 @@ STEPS = {
     "latency": steps.latency,
     "connections": steps.connections,
     "cluster": cluster.cluster,
+    "socketio": peer.socketio,
 }
 
 
@@ -95,6 +96,7 @@ def main() -> int:
             bench.start_service("p1", ports[0])
             bench.start_service("p2", ports[1])
             result["database"] = bench.db
+            bench.results = result["steps"]
             print(f"bench: database {bench.db}, services on ports {ports}, logs in {bench.tmp}")
             for name in only:
                 t = time.time()

@@ -55,14 +55,15 @@ class GenError(RuntimeError):
 class Gen:
     """One generator process and its line protocol."""
 
-    def __init__(self, bench: "Bench", name: str, cfg: dict) -> None:
+    def __init__(self, bench: "Bench", name: str, cfg: dict, argv: list[str] | None = None) -> None:
         self.name = name
         fd, path = tempfile.mkstemp(prefix=f"bench-{name}-", suffix=".json", dir=bench.tmp)
         with os.fdopen(fd, "w") as f:
             json.dump(cfg, f)
         self.stderr = open(Path(bench.tmp) / f"{name}.stderr", "w")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "bench.gen", path],
+            # `python -m bench.gen` unless told otherwise (the socket.io step's node script).
+            [*(argv or [sys.executable, "-m", "bench.gen"]), path],
             cwd=ROOT,
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -317,6 +318,8 @@ class Bench:
         self.postmaster_pid: int | None = None
         self.cpu = CpuMeter(self)
         self.db_created = False
+        # The figures of the steps run so far (filled in by __main__), for steps that compare.
+        self.results: dict = {}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -447,8 +450,10 @@ class Bench:
         svc = self.services.pop(name)
         return svc.terminate()
 
-    def gen(self, name: str, mode: str, deadline: float, **cfg) -> Gen:
-        g = Gen(self, name, {"mode": mode, "deadline": deadline, **cfg})
+    def gen(
+        self, name: str, mode: str, deadline: float, argv: list[str] | None = None, **cfg
+    ) -> Gen:
+        g = Gen(self, name, {"mode": mode, "deadline": deadline, **cfg}, argv)
         self.gens.append(g)
         return g
 

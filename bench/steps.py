@@ -33,6 +33,10 @@ class Plan:
         default_factory=lambda: ["wsproto", "websockets-sansio", "websockets"]
     )
     ws_compare_connections: int = 5000
+    # The socket.io peer: the delivery and fan-out rates together, and beyond them.
+    socketio_rates: list[int] = field(
+        default_factory=lambda: [200, 500, 1000, 2000, 4000, 6000, 7000, 8000, 10000, 14000]
+    )
 
     @classmethod
     def make(cls, quick: bool) -> "Plan":
@@ -51,6 +55,7 @@ class Plan:
             hold_delivery_duration=5.0,
             ws_impls=[],
             ws_compare_connections=0,
+            socketio_rates=[200, 1000, 2000, 4000, 7000, 10000],
         )
 
 
