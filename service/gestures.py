@@ -263,9 +263,20 @@ class Gestures:
         if suggestion_id is not None:
             async with store.connection(self._pool, self._timeout) as conn:
                 context = await store.find_suggestion(conn, suggestion_id, relationship_id, role)
-            if context is None:
-                raise errors.Invalid("suggestion_id: unknown, expired (after an hour) or not yours")
             ai_generated = True
+            if context is None:
+                # A retry of a send that went through keeps its key for the idempotency
+                # window, longer than the suggestion's hour: it is answered, not refused.
+                replay = await self._replay(
+                    store.NewGesture(relationship_id, gesture_type, role, message, True),
+                    idempotency_key,
+                    store.fingerprint(gesture_type, message, True, suggestion_id),
+                )
+                if replay is None:
+                    raise errors.Invalid(
+                        "suggestion_id: unknown, expired (after an hour) or not yours"
+                    )
+                return SendResult(gesture=replay, recipient_online=False), False
         new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated, context)
         fingerprint = b""
         if idempotency_key is not None:
@@ -336,7 +347,9 @@ class Gestures:
         if key is None:
             return None
         async with store.connection(self._pool, self._timeout) as conn:
-            held = await store.find_idempotency_key(conn, new.relationship_id, new.sent_by, key)
+            held = await store.find_idempotency_key(
+                conn, new.relationship_id, new.sent_by, key, self._settings.idempotency_hours
+            )
             if held is None or held[1] != fingerprint:
                 return None
             return await store.get_gesture(conn, held[0])
