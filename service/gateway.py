@@ -323,7 +323,7 @@ class Gateway:
         changes = self._gestures.changes
         try:
             role = await self._gestures.role_in(
-                caller, relationship_id, ws.query_params.get("partner_id")
+                caller, relationship_id, ws.query_params.get("partner_id"), "partner_id"
             )
         except (errors.Forbidden, errors.Invalid) as exc:
             return await _refuse(ws, FORBIDDEN, exc.message)

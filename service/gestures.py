@@ -176,8 +176,11 @@ class Gestures:
             self._relationships[relationship_id] = (now + self._relationship_ttl, found)
         return found
 
-    async def role_in(self, caller: Caller, relationship_id: uuid.UUID, named: str | None) -> str:
-        return role_of(caller, await self.relationship(relationship_id), named)
+    async def role_in(
+        self, caller: Caller, relationship_id: uuid.UUID, named: str | None, field: str
+    ) -> str:
+        """The caller's role, `named` coming from the request's `field`."""
+        return role_of(caller, await self.relationship(relationship_id), named, field)
 
     async def put_relationship(
         self, caller: Caller, relationship_id: uuid.UUID, a: str | None, b: str | None
