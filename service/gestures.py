@@ -279,7 +279,13 @@ class Gestures:
                     raise errors.Invalid(
                         "suggestion_id: unknown, expired (after an hour) or not yours"
                     )
-                return SendResult(gesture=replay, recipient_online=False), False
+                # Counted like any retry (docs/api.md); answered even past the limit.
+                recipient = other_role(role) if want_online else None
+                try:
+                    online = await self._admit(relationship_id, role, recipient)
+                except errors.RateLimited:
+                    online = False
+                return SendResult(gesture=replay, recipient_online=online), False
         new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated, context)
         fingerprint = b""
         if idempotency_key is not None:
