@@ -149,7 +149,15 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
                 "SUGGESTION_PROVIDER_MODEL is not set: the model to ask when "
                 "SUGGESTION_PROVIDER_URL is set, e.g. gpt-4o-mini"
             )
-    return Settings(**values)
+    settings = Settings(**values)
+    if settings.channel_prefix.startswith(settings.presence_prefix):
+        # The gateway reads a channel under PRESENCE_PREFIX as presence: every event would
+        # be taken for one, fail to decode, and be dropped.
+        raise ConfigError(
+            f"CHANNEL_PREFIX must not start with PRESENCE_PREFIX, got "
+            f"{settings.channel_prefix!r} and {settings.presence_prefix!r}"
+        )
+    return settings
 
 
 def uvicorn_options(settings: Settings) -> dict[str, object]:

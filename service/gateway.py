@@ -10,7 +10,7 @@ How errors reach the client:
 | what                                   | how                                      |
 |----------------------------------------|------------------------------------------|
 | bad or missing token                   | close 4401                               |
-| token expired while connected          | close 4401, within 1 s of `exp`          |
+| token expired while connected          | close 4401, within 2 s of `exp`          |
 | not a partner, unknown relationship    | close 4403                               |
 | partner removed by PUT /api/relationships | close 4403, on every process, at once |
 | PostgreSQL down while connecting       | close 1013 (try again later)             |
@@ -340,7 +340,7 @@ class Gateway:
         changes = self._gestures.changes
         try:
             relationship = await self._relationships.get(relationship_id)
-            role = role_of(caller, relationship, ws.query_params.get("partner_id"))
+            role = role_of(caller, relationship, ws.query_params.get("partner_id"), "partner_id")
         except (errors.Forbidden, errors.Invalid) as exc:
             return await _refuse(ws, FORBIDDEN, exc.message)
         except errors.Unavailable:

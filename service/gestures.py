@@ -203,8 +203,11 @@ class Gestures:
                     self._relationships[rid] = (now + self._relationship_ttl, row)
         return found
 
-    async def role_in(self, caller: Caller, relationship_id: uuid.UUID, named: str | None) -> str:
-        return role_of(caller, await self.relationship(relationship_id), named)
+    async def role_in(
+        self, caller: Caller, relationship_id: uuid.UUID, named: str | None, field: str
+    ) -> str:
+        """The caller's role, `named` coming from the request's `field`."""
+        return role_of(caller, await self.relationship(relationship_id), named, field)
 
     async def put_relationship(
         self, caller: Caller, relationship_id: uuid.UUID, a: str | None, b: str | None
@@ -290,9 +293,26 @@ class Gestures:
         if suggestion_id is not None:
             async with store.connection(self._pool, self._timeout) as conn:
                 context = await store.find_suggestion(conn, suggestion_id, relationship_id, role)
-            if context is None:
-                raise errors.Invalid("suggestion_id: unknown, expired (after an hour) or not yours")
             ai_generated = True
+            if context is None:
+                # A retry of a send that went through keeps its key for the idempotency
+                # window, longer than the suggestion's hour: it is answered, not refused.
+                replay = await self._replay(
+                    store.NewGesture(relationship_id, gesture_type, role, message, True),
+                    idempotency_key,
+                    store.fingerprint(gesture_type, message, True, suggestion_id),
+                )
+                if replay is None:
+                    raise errors.Invalid(
+                        "suggestion_id: unknown, expired (after an hour) or not yours"
+                    )
+                # Counted like any retry (docs/api.md); answered even past the limit.
+                recipient = other_role(role) if want_online else None
+                try:
+                    online = await self._admit(relationship_id, role, recipient)
+                except errors.RateLimited:
+                    online = False
+                return SendResult(gesture=replay, recipient_online=online), False
         new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated, context)
         fingerprint = b""
         if idempotency_key is not None:
@@ -363,7 +383,9 @@ class Gestures:
         if key is None:
             return None
         async with store.connection(self._pool, self._timeout) as conn:
-            held = await store.find_idempotency_key(conn, new.relationship_id, new.sent_by, key)
+            held = await store.find_idempotency_key(
+                conn, new.relationship_id, new.sent_by, key, self._settings.idempotency_hours
+            )
             if held is None or held[1] != fingerprint:
                 return None
             return await store.get_gesture(conn, held[0])

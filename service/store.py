@@ -437,15 +437,22 @@ async def _claim(
 
 
 async def find_idempotency_key(
-    conn: Connection, relationship_id: uuid.UUID, sent_by: str, key: str
+    conn: Connection,
+    relationship_id: uuid.UUID,
+    sent_by: str,
+    key: str,
+    window_hours: int | None = None,
 ) -> tuple[uuid.UUID, bytes] | None:
-    """(gesture id, fingerprint) that `key` holds, if any (expired or not)."""
+    """(gesture id, fingerprint) that `key` holds, if any: within the last `window_hours`
+    when given, else expired or not."""
     r = await conn.fetchrow(
         """SELECT gesture_id, fingerprint FROM gesture_idempotency
-        WHERE relationship_id = $1 AND sent_by = $2 AND key = $3""",
+        WHERE relationship_id = $1 AND sent_by = $2 AND key = $3
+          AND ($4::int IS NULL OR created_at >= now() - make_interval(hours => $4::int))""",
         relationship_id,
         sent_by,
         key,
+        window_hours,
     )
     return None if r is None else (r["gesture_id"], bytes(r["fingerprint"]))
 

@@ -70,3 +70,19 @@ def test_cluster_mode_is_off_by_default_and_read_as_a_boolean():
         assert from_env({**GOOD, "REDIS_CLUSTER": raw}).redis_cluster is value
     with pytest.raises(ConfigError, match="REDIS_CLUSTER must be true or false"):
         from_env({**GOOD, "REDIS_CLUSTER": "sometimes"})
+
+
+@pytest.mark.parametrize("presence", ["gestures:", "g", ""])
+def test_an_event_channel_prefix_under_the_presence_prefix_is_refused(presence):
+    """Channels under PRESENCE_PREFIX are read as presence: events there would be dropped."""
+    env = {**GOOD, "CHANNEL_PREFIX": "gestures:", "PRESENCE_PREFIX": presence}
+    if presence == "":  # unset: the default, which is fine
+        assert from_env(env).presence_prefix == "gesture-presence:"
+        return
+    with pytest.raises(ConfigError, match="CHANNEL_PREFIX"):
+        from_env(env)
+
+
+def test_a_presence_prefix_under_the_event_prefix_is_accepted():
+    env = {**GOOD, "CHANNEL_PREFIX": "g:", "PRESENCE_PREFIX": "g:presence:"}
+    assert from_env(env).presence_prefix == "g:presence:"

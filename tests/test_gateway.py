@@ -63,6 +63,17 @@ async def test_a_stranger_gets_4403_and_never_a_frame_of_the_relationship(
     assert (await client.closed_with(), client.seen) == (4403, [])
 
 
+async def test_a_refused_partner_id_is_named_in_the_close_reason(server: InProcess, couple: Couple):
+    """The socket's role comes from its `partner_id` query parameter: the reason says so."""
+    from service import auth
+
+    service = auth.issue(SECRET, service=True)
+    for tok, query in [(service, ""), (couple.a_token, "&partner_id=partner_b")]:
+        ws = await ws_connect(f"{server.ws_url}?relationship_id={couple.id}{query}&token={tok}")
+        assert await Client(ws).closed_with() == 4403
+        assert ws.close_reason.startswith("partner_id:"), ws.close_reason
+
+
 async def test_an_unknown_or_malformed_relationship_is_closed_with_4403(
     server: InProcess, couple: Couple
 ):

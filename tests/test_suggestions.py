@@ -622,3 +622,40 @@ async def test_a_configured_provider_answers_through_the_endpoint_and_its_key_is
         await server.stop()
     assert "sk-never-in-a-log" not in caplog.text
     assert "sk-never-in-a-log" not in settings_text
+
+
+async def test_a_retry_with_the_same_key_after_the_suggestion_expired_returns_the_first_gesture(
+    api, couple, db
+):
+    """The idempotency window (24 h) outlasts the suggestion's hour: a retry of a send that
+    went through is answered with its gesture, not refused for the expired suggestion."""
+    suggestion = (await generate(api, couple)).json()
+    body = {
+        "relationship_id": str(couple.id),
+        "gesture_type": "hug",
+        "sender_id": "partner_a",
+        "message": suggestion["message"],
+        "suggestion_id": suggestion["suggestion_id"],
+    }
+    headers = {**couple.a_headers, "Idempotency-Key": f"retry-{uuid.uuid4()}"}
+    first = await api.post("/api/gestures/send", json=body, headers=headers)
+    assert first.status_code == 200, first.text
+    await db.execute(
+        "UPDATE gesture_suggestions SET created_at = created_at - $2::interval WHERE id = $1",
+        uuid.UUID(suggestion["suggestion_id"]),
+        timedelta(minutes=61),
+    )
+    again = await api.post("/api/gestures/send", json=body, headers=headers)
+    assert again.status_code == 200, again.text
+    assert again.json()["gesture"] == first.json()["gesture"]
+    assert (
+        await db.fetchval(
+            "SELECT count(*) FROM connection_gestures WHERE relationship_id = $1", couple.id
+        )
+        == 1
+    )
+    # Another body under the same key is still refused; so is the expired id without a key.
+    other = await api.post("/api/gestures/send", json={**body, "message": "x"}, headers=headers)
+    assert_error(other, 422, "suggestion_id")
+    keyless = await api.post("/api/gestures/send", json=body, headers=couple.a_headers)
+    assert_error(keyless, 422, "suggestion_id")
