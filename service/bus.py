@@ -116,6 +116,40 @@ def subscriber(
     )
 
 
+def _expect(
+    waiting: dict[str, list[asyncio.Future[None]]], channels: Sequence[str]
+) -> list[asyncio.Future[None]]:
+    """A future per channel, resolved when Redis confirms that channel's subscription."""
+    loop = asyncio.get_running_loop()
+    futures = []
+    for channel in channels:
+        future = loop.create_future()
+        waiting.setdefault(channel, []).append(future)
+        futures.append(future)
+    return futures
+
+
+async def _confirmed(
+    waiting: dict[str, list[asyncio.Future[None]]],
+    channels: Sequence[str],
+    futures: list[asyncio.Future[None]],
+    timeout: float,
+) -> bool:
+    """Whether every channel was confirmed within `timeout`; if not, its waiters go."""
+    try:
+        async with asyncio.timeout(timeout):
+            await asyncio.gather(*futures)
+        return True
+    except TimeoutError:
+        for channel, future in zip(channels, futures, strict=True):
+            held = waiting.get(channel, [])
+            if future in held:
+                held.remove(future)
+            if not held:
+                waiting.pop(channel, None)
+        return False
+
+
 def channel_for(prefix: str, relationship_id: uuid.UUID | str) -> str:
     return f"{prefix}{relationship_id}"
 
@@ -285,32 +319,17 @@ class Subscriber:
 
     async def subscribe(self, channels: Sequence[str], timeout: float = 5.0) -> bool:
         """Subscribe; True once Redis confirmed, False if it did not within `timeout`."""
-        loop = asyncio.get_running_loop()
-        futures = []
         for channel in channels:
             self._channels.add(channel)
             self._dropping.discard(channel)
-            future = loop.create_future()
-            self._waiting.setdefault(channel, []).append(future)
-            futures.append(future)
+        futures = _expect(self._waiting, channels)
         pubsub = self._pubsub
         if pubsub is not None and self.connected.is_set():
             try:
                 await pubsub.subscribe(*channels)
             except (RedisError, OSError):
                 pass  # the supervisor reconnects and subscribes to every channel again
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*futures)
-            return True
-        except TimeoutError:
-            for channel, future in zip(channels, futures, strict=True):
-                waiting = self._waiting.get(channel, [])
-                if future in waiting:
-                    waiting.remove(future)
-                if not waiting:
-                    self._waiting.pop(channel, None)
-            return False
+        return await _confirmed(self._waiting, channels, futures, timeout)
 
     def unsubscribe(self, channels: Sequence[str]) -> None:
         """Drop channels soon, in one UNSUBSCRIBE with whatever else is being dropped: a
@@ -470,27 +489,11 @@ class ShardedSubscriber:
 
     async def subscribe(self, channels: Sequence[str], timeout: float = 5.0) -> bool:
         """Subscribe; True once every channel's shard confirmed, False if not in `timeout`."""
-        loop = asyncio.get_running_loop()
-        futures = []
-        for channel in channels:
-            self._channels.add(channel)
-            future = loop.create_future()
-            self._waiting.setdefault(channel, []).append(future)
-            futures.append(future)
+        self._channels.update(channels)
+        futures = _expect(self._waiting, channels)
         if self._group is not None:
             self._route(channels)
-        try:
-            async with asyncio.timeout(timeout):
-                await asyncio.gather(*futures)
-            return True
-        except TimeoutError:
-            for channel, future in zip(channels, futures, strict=True):
-                waiting = self._waiting.get(channel, [])
-                if future in waiting:
-                    waiting.remove(future)
-                if not waiting:
-                    self._waiting.pop(channel, None)
-            return False
+        return await _confirmed(self._waiting, channels, futures, timeout)
 
     def unsubscribe(self, channels: Sequence[str]) -> None:
         for channel in channels:
@@ -564,25 +567,10 @@ class ShardedSubscriber:
         channels = [channel for channel in orphans if channel in self._channels]
         if not channels:
             return
-        loop = asyncio.get_running_loop()
-        futures = []
-        for channel in channels:
-            future = loop.create_future()
-            self._waiting.setdefault(channel, []).append(future)
-            futures.append(future)
+        futures = _expect(self._waiting, channels)
         self._route(channels, since=since, backoff=min(backoff * 2, MAX_BACKOFF))
-        try:
-            async with asyncio.timeout(15.0):
-                await asyncio.gather(*futures)
-        except TimeoutError:
-            # The new connection broke too; its own supervisor takes over, and resyncs.
-            for channel, future in zip(channels, futures, strict=True):
-                waiting = self._waiting.get(channel, [])
-                if future in waiting:
-                    waiting.remove(future)
-                if not waiting:
-                    self._waiting.pop(channel, None)
-            return
+        if not await _confirmed(self._waiting, channels, futures, 15.0):
+            return  # the new connection broke too; its own supervisor takes over, and resyncs
         log.info(
             "sharded pub/sub resubscribed", extra={"shard": shard.name, "channels": len(channels)}
         )
