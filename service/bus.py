@@ -357,24 +357,7 @@ class Subscriber:
         await self._redis.aclose()
 
     async def run(self) -> None:
-        backoff = 0.1
-        first = True
-        while True:
-            since = self._last_seen
-            started = time.monotonic()
-            try:
-                await self._session(resync_since=None if first else since)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("pub/sub connection lost", extra={"error": repr(exc)})
-            first = False
-            self.connected.clear()
-            if time.monotonic() - started > 30:
-                backoff = 0.1  # that session was healthy: the next break starts afresh
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, MAX_BACKOFF)
-            metrics.SUBSCRIBER_RECONNECTS.inc()
+        await _forever(self._session, lambda: self._last_seen, self.connected, "pub/sub")
 
     async def _session(self, resync_since: float | None) -> None:
         pubsub = self._redis.pubsub(ignore_subscribe_messages=False)
@@ -559,11 +542,8 @@ class ShardedSubscriber:
         if time.monotonic() - started > 30:
             backoff = 0.1  # that connection was healthy: the next break starts afresh
         await asyncio.sleep(backoff * (0.5 + random.random()))
-        try:
-            # After a failover the replica that took over is the master to subscribe on.
-            await self._cluster.nodes_manager.initialize()
-        except REDIS_ERRORS as exc:
-            log.warning("could not reload the cluster's slot map", extra={"error": repr(exc)})
+        metrics.SUBSCRIBER_RECONNECTS.inc()
+        await self._reload_slots()
         channels = [channel for channel in orphans if channel in self._channels]
         if not channels:
             return
@@ -602,32 +582,21 @@ class ShardedSubscriber:
         self._last_seen = time.time()
 
     async def run(self) -> None:
-        backoff = 0.1
-        first = True
-        while True:
-            since = self._last_seen
-            started = time.monotonic()
-            try:
-                await self._epoch(resync_since=None if first else since)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning(
-                    "sharded pub/sub connection lost",
-                    extra={"error": "; ".join(repr(e) for e in _leaves(exc))},
-                )
-            first = False
-            self.connected.clear()
-            if time.monotonic() - started > 30:
-                backoff = 0.1
-            await asyncio.sleep(backoff * (0.5 + random.random()))
-            backoff = min(backoff * 2, MAX_BACKOFF)
-            try:
-                # The slot map as the cluster sees it now: after a failover the replica
-                # that took over is the master to subscribe on.
-                await self._cluster.nodes_manager.initialize()
-            except REDIS_ERRORS as exc:
-                log.warning("could not reload the cluster's slot map", extra={"error": repr(exc)})
+        await _forever(
+            self._epoch,
+            lambda: self._last_seen,
+            self.connected,
+            "sharded pub/sub",
+            before_retry=self._reload_slots,
+        )
+
+    async def _reload_slots(self) -> None:
+        """The slot map as the cluster sees it now: after a failover the replica that took
+        over is the master to subscribe on."""
+        try:
+            await self._cluster.nodes_manager.initialize()
+        except REDIS_ERRORS as exc:
+            log.warning("could not reload the cluster's slot map", extra={"error": repr(exc)})
 
     async def _epoch(self, resync_since: float | None) -> None:
         await self._cluster.initialize()
@@ -800,6 +769,42 @@ class _Shard:
                 raise ConnectionError(f"sharded pub/sub connection to {self.name} silent")
             await pubsub.ping()
             _stop_if_cancelled()
+
+
+async def _forever(
+    session: Callable[[float | None], Awaitable[None]],
+    last_seen: Callable[[], float],
+    connected: asyncio.Event,
+    what: str,
+    before_retry: Callable[[], Awaitable[None]] | None = None,
+) -> None:
+    """Run a subscriber's `session` again whenever it breaks: with None the first time, then
+    with the time of the last message seen before the break, so it resyncs from there. Backoff
+    with jitter up to MAX_BACKOFF, afresh after a session that lasted 30 s; each break is
+    counted in `SUBSCRIBER_RECONNECTS`."""
+    backoff = 0.1
+    first = True
+    while True:
+        since = last_seen()
+        started = time.monotonic()
+        try:
+            await session(None if first else since)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning(
+                "subscriber connection lost",
+                extra={"subscriber": what, "error": "; ".join(repr(e) for e in _leaves(exc))},
+            )
+        first = False
+        connected.clear()
+        if time.monotonic() - started > 30:
+            backoff = 0.1  # that session was healthy: the next break starts afresh
+        await asyncio.sleep(backoff * (0.5 + random.random()))
+        backoff = min(backoff * 2, MAX_BACKOFF)
+        metrics.SUBSCRIBER_RECONNECTS.inc()
+        if before_retry is not None:
+            await before_retry()
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:
