@@ -384,8 +384,10 @@ class Couple:
         return self.a_token if role == "partner_a" else self.b_token
 
 
-async def make_couple(database_url: str) -> Couple:
-    couple = Couple()
+async def make_couple(database_url: str, couple: Couple | None = None) -> Couple:
+    """Insert the relationship of `couple` (a new one by default, or one whose id was chosen
+    beforehand, e.g. to land on a given Redis Cluster shard)."""
+    couple = couple or Couple()
     conn = await asyncpg.connect(database_url)
     try:
         await conn.execute(

@@ -8,13 +8,12 @@ import sys
 import threading
 import uuid
 
-import asyncpg
 import httpx
 import pytest
 import redis.asyncio as aioredis
 from redis.crc import key_slot
 
-from .conftest import ROOT, Couple, settings_env
+from .conftest import ROOT, Couple, make_couple, settings_env
 from .support_cluster import LocalCluster
 from .support_helpers import eventually
 from .support_ws import close_quietly, connect, gather_received, send_http
@@ -50,22 +49,7 @@ async def couples_on_every_shard(database_url: str, cluster: LocalCluster, setti
     while set(by_master) != masters:
         couple = Couple()
         by_master.setdefault(cluster.node_of(gesture_channel(settings, couple)), couple)
-    return [await adopt(database_url, c) for c in by_master.values()]
-
-
-async def adopt(database_url: str, couple: Couple) -> Couple:
-    """Insert `couple`'s relationship (its id chosen beforehand to land on a given shard)."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        await conn.execute(
-            "INSERT INTO relationships (id, partner_a_id, partner_b_id) VALUES ($1, $2, $3)",
-            couple.id,
-            couple.a,
-            couple.b,
-        )
-    finally:
-        await conn.close()
-    return couple
+    return [await make_couple(database_url, c) for c in by_master.values()]
 
 
 async def shard_subscribers(cluster: LocalCluster, channel: str) -> int:
@@ -261,7 +245,7 @@ async def test_gestures_keep_arriving_after_their_channel_slot_moves_to_another_
         owner = redis_cluster.node_of(channel)
         if redis_cluster.client(owner).execute_command("CLUSTER COUNTKEYSINSLOT", slot) == 0:
             break
-    await adopt(database_url, couple)
+    await make_couple(database_url, couple)
     b = await connect(p2.ws_url, couple, "partner_b")
     first = await send_http(http, p1.url, couple)
     received = await b.expect("gesture_received")
@@ -368,5 +352,9 @@ async def test_every_gesture_arrives_once_when_a_master_is_killed(
         ids = await gather_received(recipients[couple.id], sent[couple.id], timeout=40)
         assert sorted(ids) == sorted(set(ids)), "a gesture arrived twice"
         assert set(ids) == sent[couple.id]
+    # The receiving process's shard connection broke and came back, and its metrics say so.
+    scrape = (await http.get(f"{p2.url}/metrics")).text
+    reconnects = [line for line in scrape.splitlines() if line.startswith("gesture_pubsub_rec")]
+    assert reconnects and float(reconnects[0].split()[-1]) >= 1, reconnects
     for client in recipients.values():
         await close_quietly(client)
