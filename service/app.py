@@ -18,7 +18,7 @@ import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
-from starlette.routing import WebSocketRoute
+from starlette.websockets import WebSocket
 
 from . import api, bus, config, logs, metrics, store
 from .auth import Verifier
@@ -70,14 +70,25 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
         finally:
             await pool.close()
 
-    async def websocket(ws) -> None:
-        await ws.state.gateway.endpoint(ws)
-
-    return Starlette(
-        routes=[*api.routes(), WebSocketRoute("/ws", websocket)],
+    return App(
+        routes=api.routes(),
         lifespan=lifespan,
         exception_handlers={HTTPException: api.http_exception},
     )
+
+
+class App(Starlette):
+    """The routes, with `/ws` taken before Starlette's middleware and router: a socket's
+    task then waits in the gateway's read loop alone, not under a dozen frames of wrappers
+    that have nothing to do for a WebSocket (they only act on HTTP requests and exceptions
+    the gateway handles itself), which is memory per idle socket and CPU per connect."""
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + "/ws":
+            gateway: Gateway = scope["state"]["gateway"]
+            await gateway.endpoint(WebSocket(scope, receive, send))
+            return
+        await super().__call__(scope, receive, send)
 
 
 @contextlib.asynccontextmanager
@@ -196,6 +207,10 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
             "verify": verifier,
             "openapi": msgspec.json.encode(api.openapi()),
             "node": node,
+            # Called by service.wsserver.WSProtocol when the server starts closing its
+            # sockets, before the lifespan's shutdown: sockets then skip their one-by-one
+            # clean-up, which `_shutdown` does for all of them at once.
+            "server_stopping": gateway.stop_accepting,
         }
     finally:
         await _shutdown(settings, gateway, presence, gestures, publisher, running)

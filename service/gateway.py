@@ -498,6 +498,11 @@ class Gateway:
 
     # ------------------------------------------------------------------ shutdown
 
+    def stop_accepting(self) -> None:
+        """The process is stopping: refuse new sockets, and let closing ones skip their
+        presence and subscription clean-up (done for all of them at once at shutdown)."""
+        self.closing = True
+
     async def shutdown(self) -> None:
         """Close every socket with 1012 so clients reconnect elsewhere."""
         self.closing = True

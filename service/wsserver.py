@@ -17,11 +17,16 @@ commands do); everything but the keepalive is uvicorn's `--ws wsproto`.
 """
 
 import asyncio
+import base64
+import hashlib
+import logging
 import struct
 import weakref
 from collections import deque
+from urllib.parse import unquote
 
 from uvicorn.config import Config
+from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remote_addr, is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import (
     WebSocketsSansIOProtocol as _SansioProtocol,
 )
@@ -29,6 +34,8 @@ from uvicorn.protocols.websockets.wsproto_impl import WSProtocol as _WsprotoProt
 from websockets.protocol import State
 from wsproto.connection import ConnectionState
 from wsproto.events import Pong
+
+log = logging.getLogger("uvicorn.error")
 
 
 class Wheel:
@@ -114,8 +121,9 @@ class _WheelKeepalive:
             self.pending_ping_payload = None
 
 
-class WSProtocol(_WheelKeepalive, _WsprotoProtocol):
-    """`--ws wsproto` with the wheel's keepalive: what the project runs."""
+class WsprotoProtocol(_WheelKeepalive, _WsprotoProtocol):
+    """`--ws wsproto` with the wheel's keepalive: what `WSProtocol` runs when
+    permessage-deflate is on (WS_PER_MESSAGE_DEFLATE=true), and a peer in the bench."""
 
     def _open(self) -> bool:
         return self.conn.state == ConnectionState.OPEN
@@ -139,3 +147,527 @@ class SansioWSProtocol(_WheelKeepalive, _SansioProtocol):
 
     def handle_pong(self, event) -> None:
         self._answered(bytes(event.data))
+
+
+# ---------------------------------------------------------------------------- the lean one
+
+_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+_CLOSE_OK = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
+_VERSION = (b"sec-websocket-version", b"13")
+_PLAIN = b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
+_REASONS = {400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required", 500: b"Error"}
+
+try:  # websockets (a dependency of uvicorn[standard]) ships the XOR in C
+    from websockets.speedups import apply_mask as _apply_mask
+except ImportError:  # pragma: no cover
+
+    def _apply_mask(data: bytes, mask: bytes) -> bytes:
+        n = len(data)
+        key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
+        return (int.from_bytes(data, "big") ^ key).to_bytes(n, "big")
+
+
+def _frame(opcode: int, payload: bytes) -> bytes:
+    """A server frame (unmasked, unfragmented)."""
+    n = len(payload)
+    if n < 126:
+        return bytes((0x80 | opcode, n)) + payload
+    if n < 65536:
+        return struct.pack("!BBH", 0x80 | opcode, 126, n) + payload
+    return struct.pack("!BBQ", 0x80 | opcode, 127, n) + payload
+
+
+def _close_frame(code: int, reason: str = "") -> bytes:
+    return _frame(0x8, struct.pack("!H", code) + reason.encode()[:123])
+
+
+class _ProtocolError(Exception):
+    def __init__(self, code: int, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+
+
+class WSProtocol(asyncio.Protocol):
+    """What the project runs: an ASGI WebSocket server protocol for uvicorn, without
+    wsproto or websockets underneath.
+
+    uvicorn's own protocols hand the upgrade request, which uvicorn has already parsed,
+    to a second HTTP parser (h11 inside wsproto), and keep per socket a parser, a queue, an
+    event and buffers they rarely need: half of a connect's CPU and most of an idle socket's
+    memory. Here the request is split once, the 101 answer is written from a template, and
+    an idle socket is this object (slots only), its transport and the app's task.
+
+    Promises, as uvicorn's `--ws wsproto` keeps them (tests/test_wsserver.py checks them):
+    RFC 6455 framing for a server (client frames must be masked, else 1002; RSV bits,
+    unknown opcodes and bad control frames: 1002; text that is not UTF-8: 1007; a message
+    over `--ws-max-size` bytes: 1009, refused as soon as its header says so); ping answered
+    with pong; a close answered with a close of the same code; the ASGI `websocket` scope and
+    messages, incl. a denial (403, or the app's own `websocket.http.response`); reading is
+    paused while the app has a message it has not taken, and `send` waits while the
+    transport's buffer is over its high-water mark; keepalive pings by the wheel above;
+    `shutdown()` closes with 1012. No extension is negotiated: with
+    `--ws-per-message-deflate true` it is `WsprotoProtocol` that serves the socket.
+    """
+
+    __slots__ = (
+        "app",
+        "app_state",
+        "buffer",
+        "close_sent",
+        "close_timer",
+        "config",
+        "connections",
+        "default_headers",
+        "disconnected",
+        "fragments",
+        "handshake_complete",
+        "inbox",
+        "keepalive_bucket",
+        "key",
+        "loop",
+        "pending_ping_payload",
+        "ping_interval",
+        "ping_timeout",
+        "read_paused",
+        "response_started",
+        "scope",
+        "tasks",
+        "transport",
+        "waiter",
+        "write_paused",
+    )
+
+    def __new__(cls, config: Config, *args, **kwargs):
+        if config.ws_per_message_deflate:
+            return WsprotoProtocol(config, *args, **kwargs)
+        return super().__new__(cls)
+
+    def __init__(
+        self,
+        config: Config,
+        server_state,
+        app_state: dict,
+        _loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
+        if not config.loaded:
+            config.load()  # pragma: no cover
+        self.config = config
+        self.app = config.loaded_app
+        self.loop = _loop or asyncio.get_event_loop()
+        self.app_state = app_state
+        self.connections = server_state.connections
+        self.tasks = server_state.tasks
+        self.default_headers = server_state.default_headers
+        self.ping_interval = config.ws_ping_interval
+        self.ping_timeout = config.ws_ping_timeout
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+        self.scope: dict | None = None
+        self.key = b""  # Sec-WebSocket-Key, until the accept
+        self.buffer = b""  # bytes of a frame not complete yet
+        self.fragments: list | None = None  # [opcode, size, parts] of a message in pieces
+        self.inbox: deque = deque()  # ASGI messages the app has not taken yet
+        self.waiter: asyncio.Future | None = None  # the app waiting in receive()
+        self.write_paused: asyncio.Future | None = None
+        self.handshake_complete = False
+        self.response_started = False
+        self.close_sent = False
+        self.disconnected = False
+        self.read_paused = False
+        self.close_timer: asyncio.TimerHandle | None = None
+        self.keepalive_bucket: set | None = None
+        self.pending_ping_payload: bytes | None = None
+
+    # ------------------------------------------------------------------ asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.connections.add(self)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.stop_keepalive()
+        self.connections.discard(self)
+        # The app learns the code of a close frame when it is read; here the peer is gone.
+        self._deliver({"type": "websocket.disconnect", "code": 1006})
+        self.handshake_complete = True
+        self.disconnected = True
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+        if self.close_timer is not None:
+            self.close_timer.cancel()
+            self.close_timer = None
+
+    def eof_received(self) -> None:
+        pass
+
+    def pause_writing(self) -> None:
+        if self.write_paused is None or self.write_paused.done():
+            self.write_paused = self.loop.create_future()
+
+    def resume_writing(self) -> None:
+        if self.write_paused is not None and not self.write_paused.done():
+            self.write_paused.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        if self.scope is None:
+            self._handshake(data)
+            return
+        if self.buffer:
+            data = self.buffer + data
+            self.buffer = b""
+        try:
+            self._frames(data)
+        except _ProtocolError as exc:
+            self._fail(exc.code, exc.reason)
+
+    def shutdown(self) -> None:
+        """The server is stopping: close with 1012 (service restart). First, once per
+        server, the app's `server_stopping` hook (a callable in the lifespan state), if it
+        has one: the app learns it before its sockets' disconnects arrive, not after."""
+        hook = self.app_state.pop("server_stopping", None)
+        if hook is not None:
+            hook()
+        self.stop_keepalive()
+        if self.close_sent or self.transport.is_closing():
+            self.transport.close()
+            return
+        if self.handshake_complete:
+            self.close_sent = True
+            self._deliver({"type": "websocket.disconnect", "code": 1012})
+            self.transport.write(_close_frame(1012))
+        else:
+            self._respond(500, b"Internal Server Error")
+        self.transport.close()
+
+    # ------------------------------------------------------------------ the handshake
+
+    def _handshake(self, data: bytes) -> None:
+        # uvicorn hands over the request it parsed, whole, as `METHOD TARGET HTTP/1.1`, one
+        # `name: value` line per header (names in lower case), then an empty line.
+        head, _, rest = data.partition(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        method, _, target = lines[0].partition(b" ")
+        target = target.rpartition(b" ")[0]
+        headers = []
+        key = version = None
+        upgrade = b""
+        subprotocols: list[str] = []
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            value = value.strip()
+            headers.append((name, value))
+            if name == b"sec-websocket-key":
+                key = value
+            elif name == b"sec-websocket-version":
+                version = value
+            elif name == b"connection":
+                upgrade += b"," + value.lower()
+            elif name == b"sec-websocket-protocol":
+                subprotocols += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
+        raw_path, _, query = target.partition(b"?")
+        root_path = self.config.root_path
+        self.scope = {
+            "type": "websocket",
+            "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
+            "http_version": "1.1",
+            "scheme": "wss" if is_ssl(self.transport) else "ws",
+            "server": get_local_addr(self.transport),
+            "client": get_remote_addr(self.transport),
+            "root_path": root_path,
+            "path": root_path + unquote(raw_path.decode("ascii", "replace")),
+            "raw_path": root_path.encode("ascii") + raw_path,
+            "query_string": query,
+            "headers": headers,
+            "subprotocols": subprotocols,
+            "state": self.app_state.copy(),
+            "extensions": {"websocket.http.response": {}},
+        }
+        if version != b"13":
+            self._respond(
+                426, b"Unsupported WebSocket version", [(b"sec-websocket-version", b"13")]
+            )
+            self.transport.close()
+            return
+        if method != b"GET" or not key or b"upgrade" not in upgrade:
+            self._respond(400, b"Bad WebSocket upgrade request")
+            self.transport.close()
+            return
+        self.key = key
+        if rest:  # pragma: no cover (uvicorn hands over the request alone)
+            self.loop.call_soon(self.data_received, rest)
+        self.inbox.append({"type": "websocket.connect"})
+        task = self.loop.create_task(self._run())
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _respond(self, status: int, body: bytes, headers=(), more: bool = False) -> None:
+        """An HTTP answer instead of the upgrade (a denial); `more`: a body follows."""
+        self.handshake_complete = True
+        self._log(logging.INFO, status)
+        lines = [b"HTTP/1.1 %d %s\r\n" % (status, _REASONS.get(status, b"Denied"))]
+        for name, value in [*self.default_headers, *headers]:
+            lines += [name, b": ", value, b"\r\n"]
+        if not more:
+            lines.append(
+                b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body)
+            )
+        lines += [b"connection: close\r\n\r\n", body]
+        self.transport.write(b"".join(lines))
+
+    # ------------------------------------------------------------------ frames in
+
+    def _frames(self, data: bytes) -> None:
+        end = len(data)
+        at = 0
+        limit = self.config.ws_max_size
+        while end - at >= 2:
+            b0 = data[at]
+            b1 = data[at + 1]
+            size = b1 & 0x7F
+            head = 6
+            if size == 126:
+                if end - at < 8:
+                    break
+                size = int.from_bytes(data[at + 2 : at + 4], "big")
+                head = 8
+            elif size == 127:
+                if end - at < 14:
+                    break
+                size = int.from_bytes(data[at + 2 : at + 10], "big")
+                head = 14
+            opcode = b0 & 0x0F
+            if b0 & 0x70:
+                raise _ProtocolError(1002, "reserved bits set")
+            if not b1 & 0x80:
+                raise _ProtocolError(1002, "client frames must be masked")
+            if opcode >= 0x8:
+                if size > 125 or not b0 & 0x80:
+                    raise _ProtocolError(1002, "bad control frame")
+            elif size > limit or (self.fragments and self.fragments[1] + size > limit):
+                raise _ProtocolError(1009, f"message over {limit} bytes")
+            if end - at < head + size:
+                break
+            payload = data[at + head : at + head + size]
+            if size:
+                payload = _apply_mask(payload, data[at + head - 4 : at + head])
+            at += head + size
+            self._frame(b0 & 0x80, opcode, payload)
+            if self.transport.is_closing():
+                return
+        if at < end:
+            self.buffer = data[at:]
+
+    def _frame(self, fin: int, opcode: int, payload: bytes) -> None:
+        if opcode == 0x8:
+            return self._on_close(payload)
+        if opcode == 0x9:
+            self.transport.write(_frame(0xA, payload))
+            return
+        if opcode == 0xA:
+            if self.pending_ping_payload is not None and payload == self.pending_ping_payload:
+                self.pending_ping_payload = None
+            return
+        if opcode == 0x0:
+            if self.fragments is None:
+                raise _ProtocolError(1002, "continuation without a message")
+            self.fragments[1] += len(payload)
+            self.fragments[2].append(payload)
+            if not fin:
+                return
+            opcode, _, parts = self.fragments
+            self.fragments = None
+            payload = b"".join(parts)
+        elif opcode in (0x1, 0x2):
+            if self.fragments is not None:
+                raise _ProtocolError(1002, "a new message inside a fragmented one")
+            if not fin:
+                self.fragments = [opcode, len(payload), [payload]]
+                return
+        else:
+            raise _ProtocolError(1002, f"unknown opcode {opcode}")
+        if self.close_sent:
+            return  # closing: what arrives now is dropped, as after a close frame
+        if opcode == 0x1:
+            try:
+                message = {"type": "websocket.receive", "text": payload.decode()}
+            except UnicodeDecodeError:
+                raise _ProtocolError(1007, "text frame that is not UTF-8") from None
+        else:
+            message = {"type": "websocket.receive", "bytes": payload}
+        self._deliver(message)
+        if not self.read_paused:
+            self.read_paused = True
+            self.transport.pause_reading()
+
+    def _on_close(self, payload: bytes) -> None:
+        if self.close_sent:  # the answer to ours: the closing handshake is complete
+            self.transport.close()
+            return
+        code, reason = 1005, ""
+        if len(payload) == 1:
+            raise _ProtocolError(1002, "close frame with a 1-byte payload")
+        if payload:
+            code = int.from_bytes(payload[:2], "big")
+            if code not in _CLOSE_OK and not 3000 <= code <= 4999:
+                raise _ProtocolError(1002, f"invalid close code {code}")
+            try:
+                reason = payload[2:].decode()
+            except UnicodeDecodeError:
+                raise _ProtocolError(1007, "close reason that is not UTF-8") from None
+        self.close_sent = True
+        self.transport.write(_frame(0x8, payload[:2]))
+        self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.close()
+
+    def _fail(self, code: int, reason: str) -> None:
+        if not self.close_sent:
+            self.close_sent = True
+            self.transport.write(_close_frame(code, reason))
+            self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+        self.transport.close()
+
+    def _deliver(self, message: dict) -> None:
+        waiter = self.waiter
+        if waiter is not None and not waiter.done():
+            self.waiter = None
+            waiter.set_result(message)
+        else:
+            self.inbox.append(message)
+
+    # ------------------------------------------------------------------ ASGI
+
+    async def _run(self) -> None:
+        try:
+            result = await self.app(self.scope, self.receive, self.send)
+        except ClientDisconnected:
+            pass
+        except BaseException:
+            log.exception("Exception in ASGI application")
+            if not self.handshake_complete:
+                self._respond(500, b"Internal Server Error")
+        else:
+            if not self.handshake_complete:
+                log.error("ASGI callable returned without completing the handshake")
+                self._respond(500, b"Internal Server Error")
+            elif result is not None:
+                log.error("ASGI callable returned %r, not None", result)
+        if self.close_timer is None:
+            self.transport.close()
+
+    async def receive(self) -> dict:
+        if self.inbox:
+            message = self.inbox.popleft()
+        else:
+            self.waiter = self.loop.create_future()
+            message = await self.waiter
+        if self.read_paused and not self.inbox and not self.disconnected:
+            self.read_paused = False
+            self.transport.resume_reading()
+        return message
+
+    async def send(self, message: dict) -> None:
+        if self.write_paused is not None and not self.write_paused.done():
+            await self.write_paused
+        if self.disconnected:
+            raise ClientDisconnected()
+        kind = message["type"]
+        if not self.handshake_complete:
+            if kind == "websocket.accept":
+                self._accept(message)
+            elif kind == "websocket.close":
+                self._deliver({"type": "websocket.disconnect", "code": 1006})
+                self.close_sent = True
+                self._respond(403, b"")
+                self.transport.close()
+            elif kind == "websocket.http.response.start":
+                if not 100 <= message["status"] < 600:
+                    raise RuntimeError(f"Invalid HTTP status code {message['status']!r}")
+                self.response_started = True
+                self._respond(message["status"], b"", list(message.get("headers", [])), True)
+            else:
+                raise RuntimeError(f"Expected ASGI message 'websocket.accept', but got {kind!r}")
+        elif self.response_started:
+            if kind != "websocket.http.response.body":
+                raise RuntimeError(f"Expected 'websocket.http.response.body', but got {kind!r}")
+            self.transport.write(message.get("body", b""))
+            if not message.get("more_body", False):
+                self._deliver({"type": "websocket.disconnect", "code": 1006})
+                self.close_sent = True
+                self.transport.close()
+        elif not self.close_sent:
+            if kind == "websocket.send":
+                data = message.get("bytes")
+                if data is None:
+                    frame = _frame(0x1, message["text"].encode())
+                else:
+                    frame = _frame(0x2, data)
+                if not self.transport.is_closing():
+                    self.transport.write(frame)
+            elif kind == "websocket.close":
+                self.close_sent = True
+                code = message.get("code", 1000)
+                reason = message.get("reason") or ""
+                self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
+                if not self.transport.is_closing():
+                    self.transport.write(_close_frame(code, reason))
+                    if self.read_paused:
+                        self.read_paused = False
+                        self.transport.resume_reading()
+                    self.close_timer = self.loop.call_later(10.0, self.transport.close)
+            else:
+                raise RuntimeError(f"Expected 'websocket.send' or 'websocket.close', got {kind!r}")
+        else:
+            raise RuntimeError(f"Unexpected ASGI message {kind!r} after sending 'websocket.close'")
+
+    def _accept(self, message: dict) -> None:
+        if self.transport.is_closing():
+            return
+        accept = base64.b64encode(hashlib.sha1(self.key + _GUID).digest())
+        self.key = b""
+        self.handshake_complete = True
+        lines = [
+            b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: Upgrade\r\n"
+            b"sec-websocket-accept: ",
+            accept,
+            b"\r\n",
+        ]
+        subprotocol = message.get("subprotocol")
+        if subprotocol:
+            lines += [b"sec-websocket-protocol: ", subprotocol.encode(), b"\r\n"]
+        for name, value in [*self.default_headers, *message.get("headers", [])]:
+            lines += [name, b": ", value, b"\r\n"]
+        lines.append(b"\r\n")
+        self.transport.write(b"".join(lines))
+        self.start_keepalive()
+        self._log(logging.DEBUG, "[accepted]")
+
+    def _log(self, level: int, outcome) -> None:
+        """uvicorn's line for a handshake: a denial at INFO, an accept at DEBUG only (at
+        thousands of connects a second, a line each is a cost; `gesture_ws_connections`
+        counts them). The query string carries the token: `logs.Redact` masks it."""
+        if log.isEnabledFor(level):
+            scope = self.scope or {}
+            client = scope.get("client")
+            target = scope.get("path", "")
+            if scope.get("query_string"):
+                target += "?" + scope["query_string"].decode("latin-1")
+            peer = f"{client[0]}:{client[1]}" if client else "-"
+            log.log(level, '%s - "WebSocket %s" %s', peer, target, outcome)
+
+    # ------------------------------------------------------------------ keepalive (the wheel)
+
+    start_keepalive = _WheelKeepalive.start_keepalive
+    stop_keepalive = _WheelKeepalive.stop_keepalive
+
+    def ping(self, payload: bytes, frame: bytes) -> bool:
+        if self.close_sent or self.transport.is_closing():
+            return False
+        self.pending_ping_payload = payload
+        self.transport.write(frame)
+        return True
+
+    def keepalive_timeout(self) -> None:
+        self.pending_ping_payload = None
+        if self.close_sent or self.transport.is_closing():
+            return
+        self._fail(1011, "keepalive ping timeout")
