@@ -20,7 +20,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocket
 
-from . import api, bus, config, logs, metrics, store
+from . import api, bus, config, heap, logs, metrics, store
 from .auth import Verifier
 from .bus import Publisher
 from .gateway import Gateway
@@ -162,6 +162,10 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         "subscriber": gateway.subscriber.run,
         "access": gateway.watch_access,
     }
+    if settings.gc_freeze_interval > 0:
+        tasks["heap"] = lambda: heap.keep_pauses_short(
+            settings.gc_freeze_interval, settings.gc_sweep_interval
+        )
     running = {name: asyncio.create_task(run(), name=name) for name, run in tasks.items()}
     for task in running.values():
         task.add_done_callback(_report_death)

@@ -49,6 +49,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     ws_greeting_limit: int = 100
     ws_max_frame: int = 16 * 1024
     shutdown_timeout: float = 10.0
+    # Garbage collection (service.heap): survivors frozen once a GC_FREEZE_INTERVAL
+    # (0: CPython's own collector, untouched), a full collection once a GC_SWEEP_INTERVAL.
+    gc_freeze_interval: float = 1.0
+    gc_sweep_interval: float = 3600.0
     # Outbox relay: how often, and how old a row must be before the relay takes it.
     relay_interval: float = 1.0
     relay_min_age: float = 2.0
@@ -106,6 +110,8 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "WS_QUEUE_SIZE": ("ws_queue_size", int),
     "WS_GREETING_LIMIT": ("ws_greeting_limit", int),
     "SHUTDOWN_TIMEOUT": ("shutdown_timeout", float),
+    "GC_FREEZE_INTERVAL": ("gc_freeze_interval", float),
+    "GC_SWEEP_INTERVAL": ("gc_sweep_interval", float),
     "RELAY_INTERVAL": ("relay_interval", float),
     "RELAY_MIN_AGE": ("relay_min_age", float),
     "SUGGESTION_RATE_LIMIT_PER_MINUTE": ("suggestion_rate_limit_per_minute", int),
@@ -114,7 +120,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "SUGGESTION_PROVIDER_KEY": ("suggestion_provider_key", str),
     "SUGGESTION_PROVIDER_TIMEOUT": ("suggestion_provider_timeout", float),
 }
-_ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL", "WS_PING_INTERVAL"}
+_ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL", "WS_PING_INTERVAL", "GC_FREEZE_INTERVAL"}
 _REQUIRED = {
     "DATABASE_URL": "the PostgreSQL DSN, e.g. postgresql://user@host:5432/db",
     "REDIS_URL": "the Redis URL, e.g. redis://127.0.0.1:6379/0",

@@ -10,6 +10,9 @@ Hot paths use children bound once (`FRAMES_OUT_BY_TYPE`, `SEND_OUTCOME`): a dict
 a locked add, no label parsing per frame.
 """
 
+import gc
+import time
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     REGISTRY,
@@ -101,6 +104,28 @@ SUGGESTION_FALLBACKS = Counter(
     "Suggestions answered by the built-in composer because the configured provider failed",
     ["reason"],
 )
+
+GC_PAUSE_SECONDS = Histogram(
+    "gesture_gc_pause_seconds",
+    "Time the Python garbage collector held this process, one observation per collection, "
+    "by generation (2: a full collection, whose length grows with the objects alive, i.e. "
+    "with the sockets held)",
+    ["generation"],
+    buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0),
+)
+_GC_BY_GENERATION = [GC_PAUSE_SECONDS.labels(str(g)) for g in range(3)]
+_gc_started = 0.0
+
+
+def _time_gc(phase: str, info: dict) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+    else:
+        _GC_BY_GENERATION[info["generation"]].observe(time.perf_counter() - _gc_started)
+
+
+gc.callbacks.append(_time_gc)
 
 FRAMES_IN_BY_TYPE = {t: FRAMES_IN.labels(t) for t in (*CLIENT_FRAMES, "invalid")}
 FRAMES_OUT_BY_TYPE = {t.encode(): FRAMES_OUT.labels(t) for t in SERVER_FRAMES}

@@ -2,6 +2,7 @@
 it, on separate uvicorn processes (each its own registry) and real PostgreSQL and Redis."""
 
 import asyncio
+import gc
 import re
 import uuid
 
@@ -203,3 +204,17 @@ def test_frames_are_counted_by_the_type_their_bytes_start_with():
     metrics.frame_written(b'{"type":"gesture_acknowledged_confirm","gesture_id":"x"}')
     metrics.frame_written(b'{"type":"something_new"}')
     assert counts() == [v + 1 for v in before]
+
+
+def test_a_full_garbage_collection_is_timed():
+    def full() -> tuple[float, float]:
+        labels = {"generation": "2"}
+        count = REGISTRY.get_sample_value("gesture_gc_pause_seconds_count", labels) or 0.0
+        total = REGISTRY.get_sample_value("gesture_gc_pause_seconds_sum", labels) or 0.0
+        return count, total
+
+    count, total = full()
+    gc.collect()
+    after_count, after_total = full()
+    assert after_count == count + 1
+    assert after_total > total
