@@ -11,12 +11,13 @@ default action ends the process), bounded loops, and talks to 127.0.0.1 only.
 
 Modes:
 
-* `ws`: WebSocket clients (senders, receivers, idle holders). Connect, wait for the first
-  `presence` frame (sent once the server has subscribed and greeted), optionally reconnect
-  when closed, send `gesture` frames at a given rate on `go`, record every `gesture_received`
-  whose message carries a bench stamp.
+* `ws`: WebSocket clients (senders, receivers, idle holders), on the lean client of
+  `bench/wsclient.py` (offering permessage-deflate unless `compression` is null). Connect,
+  wait for the first `presence` frame (sent once the server has subscribed and greeted),
+  optionally reconnect when closed, send `gesture` frames at a given rate on `go`, record
+  every `gesture_received` whose message carries a bench stamp.
 * `http`: POST /api/gestures/send, closed loop (as fast as `concurrency` clients go) or open
-  loop at a rate with stamped messages.
+  loop at a rate with stamped messages (stopping after `count` sends if given).
 * `ceiling`: the bare loop: INSERT one row per transaction with asyncpg + Redis PUBLISH.
 * `redis_pub`: publish `gesture.sent` events straight to Redis at a rate.
 * `chaos`: the chaos run's couples (`bench/chaos_load.py`).
@@ -26,7 +27,9 @@ receipt minus EPOCH; all processes share the machine's clock.
 """
 
 import asyncio
+import gc
 import json
+import math
 import os
 import random
 import resource
@@ -56,12 +59,12 @@ def stamp(tag: str, gen: int, seq: int) -> str:
     return f"b|{tag}|{gen}.{seq}|{time.time():.6f}"
 
 
-class _G(msgspec.Struct):
+class _G(msgspec.Struct, gc=False):
     message: str | None = None
     id: str | None = None
 
 
-class _Frame(msgspec.Struct):
+class _Frame(msgspec.Struct, gc=False):
     type: str
     gesture: _G | None = None
 
@@ -128,40 +131,68 @@ class WsClient:
         self.errors = 0
 
 
+def _freeze_heap() -> None:
+    """Move every object alive now out of the garbage collector's reach.
+
+    A generator holds thousands of sockets, each a few long-lived objects; without this,
+    every full collection walks all of them, and a pause of the generator's loop shows up in
+    the bench as latency of the service (a frame read late is a frame stamped late). The
+    sockets' objects are never garbage while held, so the collector has nothing to find
+    there; gc.freeze() takes them out of every later collection."""
+    gc.collect()
+    gc.freeze()
+
+
 async def run_ws(cfg: dict) -> None:
-    from websockets.asyncio.client import connect
-    from websockets.exceptions import WebSocketException
+    from .wsclient import HandshakeError, connect
 
     gen = cfg["gen"]
     reconnect = cfg.get("reconnect", False)
     jitter = cfg.get("jitter", 0.3)
     app_ping = cfg.get("app_ping", 0)
+    # Offer permessage-deflate as browsers do unless told `null` (bench/wsclient.py).
+    compression = cfg.get("compression", "deflate")
     clients = [WsClient(p, r, t) for p, r, t in cfg["clients"]]
     received = Received()
     sem = asyncio.Semaphore(cfg.get("connect_concurrency", 64))
     stopping = False
     state = {"down": 0, "epoch": 0, "closes": 0, "close_codes": {}, "connect_failures": 0}
     connect_times: list[float] = []
+    loop = asyncio.get_running_loop()
 
     async def open_one(c: WsClient) -> bool:
-        url = f"ws://{HOST}:{c.port}/ws?relationship_id={c.rel}&token={c.token}"
+        resource = f"/ws?relationship_id={c.rel}&token={c.token}"
+        first = loop.create_future()
+
+        def on_message(raw: str | bytes) -> None:
+            if not first.done():
+                first.set_result(raw)
+                return
+            try:
+                f = _frame_decoder.decode(raw)
+            except msgspec.DecodeError:
+                c.errors += 1
+                return
+            received_frame(c, f)
+
+        def lost(_) -> None:
+            if not first.done():
+                first.set_exception(ConnectionError("closed before its first frame"))
+
+        ws = None
         async with sem:
             try:
                 async with asyncio.timeout(15):
-                    ws = await connect(
-                        url,
-                        ping_interval=None,
-                        max_size=2**20,
-                        open_timeout=10,
-                        close_timeout=2,
-                        compression=cfg.get("compression"),
-                    )
-                    first = _frame_decoder.decode(await ws.recv())
-            except (OSError, TimeoutError, WebSocketException, msgspec.DecodeError):
+                    ws = await connect(HOST, c.port, resource, on_message, compression, 2**20)
+                    ws.closed.add_done_callback(lost)
+                    f = _frame_decoder.decode(await first)
+            except (OSError, TimeoutError, HandshakeError, msgspec.DecodeError):
+                if ws is not None:
+                    ws.abort()
                 state["connect_failures"] += 1
                 return False
-        if first.type != "presence":
-            received_frame(c, first)
+        if f.type != "presence":
+            received_frame(c, f)
         c.ws = ws
         connect_times.append(time.time())
         return True
@@ -189,13 +220,9 @@ async def run_ws(cfg: dict) -> None:
                 state["down"] -= 1
                 if state["down"] == 0:
                     emit({"event": "allup", "t": time.time(), "epoch": state["epoch"]})
+                    gc.freeze()  # the reconnected sockets' objects too (see _freeze_heap)
             ws = c.ws
-            try:
-                async for raw in ws:
-                    received_frame(c, _frame_decoder.decode(raw))
-            except (WebSocketException, OSError, msgspec.DecodeError):
-                pass
-            code = ws.close_code
+            code = await asyncio.shield(ws.closed)  # frames go to on_message meanwhile
             c.up.clear()
             c.ws = None
             state["closes"] += 1
@@ -214,8 +241,8 @@ async def run_ws(cfg: dict) -> None:
             for c in clients:
                 if c.ws is not None:
                     try:
-                        await c.ws.send('{"type":"ping"}')
-                    except (WebSocketException, OSError):
+                        c.ws.send('{"type":"ping"}')
+                    except OSError:
                         pass
 
     async def send_at(rate: float, duration: float, tag: str) -> dict:
@@ -237,14 +264,15 @@ async def run_ws(cfg: dict) -> None:
                 msg = stamp(tag, gen, sent)
                 frame = '{"type":"gesture","gesture_type":"hug","message":"' + msg + '"}'
                 try:
-                    await c.ws.send(frame)
-                except (WebSocketException, OSError, AttributeError):
+                    c.ws.send(frame)
+                except (OSError, AttributeError):
                     continue
                 sent += 1
             await asyncio.sleep(0.002)
         return {"sent": sent, "elapsed": time.time() - start}
 
     t_start = time.time()
+    cpu_start = time.process_time()
     for c in clients:
         c.task = asyncio.create_task(life(c))
     ping_task = asyncio.create_task(pinger()) if app_ping else None
@@ -255,14 +283,19 @@ async def run_ws(cfg: dict) -> None:
             break
         await asyncio.sleep(0.02)
     t_done = max(connect_times) if connect_times else time.time()
+    cpu_connect = time.process_time() - cpu_start  # this process's CPU for the connects
+    _freeze_heap()
     emit(
         {
             "event": "ready",
             "connected": sum(c.up.is_set() for c in clients),
             "total": len(clients),
             "failures": state["connect_failures"],
+            # Sockets on which the server accepted permessage-deflate.
+            "deflate": sum(1 for c in clients if c.ws is not None and c.ws.deflate),
             "t_start": t_start,
             "t_done": t_done,
+            "cpu_s": round(cpu_connect, 3),
         }
     )
     async for cmd in _commands():
@@ -289,9 +322,8 @@ async def run_ws(cfg: dict) -> None:
     if ping_task:
         ping_task.cancel()
     for c in clients:
-        if c.ws is not None:
-            c.task.cancel()
-    closing = [c.ws.close() for c in clients if c.ws is not None]
+        c.task.cancel()
+    closing = [c.ws.close(timeout=2.0) for c in clients if c.ws is not None]
     try:
         async with asyncio.timeout(10):
             await asyncio.gather(*closing, return_exceptions=True)
@@ -361,7 +393,9 @@ async def run_http(cfg: dict) -> None:
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         return {"ok": counted, "window": duration, "lat": lat}
 
-    async def open_loop(rate: float, duration: float, tag: str) -> dict:
+    async def open_loop(rate: float, duration: float, tag: str, count: int | None) -> dict:
+        # `count`: stop after that many sends (each target once when it is len(targets)).
+        limit = count if count is not None else math.inf
         lat: list[float] = []
         inflight = asyncio.Semaphore(concurrency)
         tasks = set()
@@ -378,9 +412,9 @@ async def run_http(cfg: dict) -> None:
             finally:
                 inflight.release()
 
-        while time.time() < end:
+        while time.time() < end and sent < limit:
             due = int((time.time() - start) * rate) - sent
-            for _ in range(min(due, 1000)):
+            for _ in range(int(min(due, 1000, limit - sent))):
                 await inflight.acquire()
                 t = asyncio.create_task(one(sent))
                 tasks.add(t)
@@ -396,7 +430,9 @@ async def run_http(cfg: dict) -> None:
             case "go":
                 statuses.clear()
                 if cmd.get("rate"):
-                    res = await open_loop(cmd["rate"], cmd["duration"], cmd["tag"])
+                    res = await open_loop(
+                        cmd["rate"], cmd["duration"], cmd["tag"], cmd.get("count")
+                    )
                 else:
                     res = await closed_loop(cmd["duration"])
                 emit({"event": "done", "statuses": statuses, **res})
