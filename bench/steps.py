@@ -5,7 +5,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from .infra import Bench, Gen, free_port
+from .infra import WS_PROTOCOL, Bench, Gen, free_port
 from .report import CPU_HEADERS, cpu_cells, percentiles, table
 
 
@@ -35,8 +35,15 @@ class Plan:
     idle_window: float = 60.0
     # One gesture to every held socket, sent over HTTP at this rate, before RSS is read again.
     touch_rate: int = 1000
+    # uvicorn --ws values compared with the project's own protocol (the main run): uvicorn's
+    # wsproto and websockets-sansio with the project's keepalive (item 5 of issue 7), and
+    # uvicorn's plain wsproto as it ships.
     ws_impls: list[str] = field(
-        default_factory=lambda: ["wsproto", "websockets-sansio", "websockets"]
+        default_factory=lambda: [
+            "service.wsserver:WsprotoProtocol",
+            "service.wsserver:SansioWSProtocol",
+            "wsproto",
+        ]
     )
     ws_compare_connections: int = 5000
     # The socket.io peer: the delivery and fan-out rates together, and beyond them.
@@ -617,7 +624,7 @@ def connections(b: Bench, plan: Plan, ports: list[int]) -> dict:
     touched = res.get("after_gesture", {})
     print(
         table(
-            f"4. connections: {n} idle authenticated sockets on one process (--ws wsproto)",
+            f"4. connections: {n} idle authenticated sockets on one process (--ws {WS_PROTOCOL})",
             [
                 "connected",
                 "connects/s",
@@ -730,7 +737,7 @@ def _warm(b: Bench, port: int, rel) -> None:
 def ws_compare(b: Bench, plan: Plan, rels: list, main: dict) -> list[dict]:
     out = [
         {
-            "ws": "wsproto",
+            "ws": WS_PROTOCOL,
             "connections": main.get("connected"),
             "kib_per_connection": main.get("kib_per_connection"),
             "connects_per_s": main.get("connects_per_s"),

@@ -218,7 +218,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         }
     finally:
         await _shutdown(settings, gateway, presence, gestures, publisher, running)
-        await gateway.subscriber.aclose()
+        await gateway.subscriber.aclose()  # again, if the shutdown failed before it
         if provider_http is not None:
             await provider_http.aclose()
         await bus.close_client(redis)
@@ -228,6 +228,10 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
     try:
         async with asyncio.timeout(settings.shutdown_timeout):
             await gateway.shutdown()
+            # No socket is left to tell: unsubscribe before dropping our presence entries,
+            # or every partner's "offline" would come back to this process to be routed.
+            await _stop(running.pop("subscriber"))
+            await gateway.subscriber.aclose()
             await presence.close()
             await gestures.flush_deliveries()
             await publisher.flush()
@@ -242,6 +246,13 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
     for task in stuck:
         log.error("background task did not stop when cancelled", extra={"task": task.get_name()})
     log.info("stopped", extra={"pid": os.getpid()})
+
+
+async def _stop(task: asyncio.Task) -> None:
+    """Cancel one background task and wait (at most 2 s) until it ended."""
+    task.remove_done_callback(_report_death)
+    task.cancel()
+    await asyncio.wait([task], timeout=2.0)
 
 
 def _report_death(task: asyncio.Task) -> None:
