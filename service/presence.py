@@ -209,15 +209,18 @@ class Presence:
             chunk = ops[start : start + _CHUNK]
 
             def fill(pipe, chunk=chunk) -> None:
-                # Registered before, or with, the first entry: a process that dies holding
-                # entries is always in the set that survivors read.
+                # Registered before, or with, the first entry, and each entry listed before
+                # it is joined and unlisted after it left: a process that dies holding
+                # entries is always in the set that survivors read, with all of them.
                 pipe.zadd(self._nodes_key, {self._node: time.time() + self._liveness})
+                joins = [f"{rel}:{role}" for (rel, role), wanted in chunk if wanted]
+                leaves = [f"{rel}:{role}" for (rel, role), wanted in chunk if not wanted]
+                if joins:
+                    pipe.sadd(members, *joins)
                 for (relationship_id, role), wanted in chunk:
                     self._call(pipe, _JOIN if wanted else _LEAVE, relationship_id, role)
-                    if wanted:
-                        pipe.sadd(members, f"{relationship_id}:{role}")
-                    else:
-                        pipe.srem(members, f"{relationship_id}:{role}")
+                if leaves:
+                    pipe.srem(members, *leaves)
 
             results = await self._pipeline(fill)
             self._registration(results[0])
