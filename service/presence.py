@@ -43,6 +43,8 @@ from collections import Counter
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
+from .coalesce import Coalescer
+
 log = logging.getLogger(__name__)
 
 # RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>", which
@@ -105,6 +107,8 @@ class Presence:
         self._flusher: asyncio.Task[None] | None = None
         self._registered = False
         self._closed = False
+        # A connect storm's greetings: the presence reads of one moment, one pipeline.
+        self._reads: Coalescer[Entry, bool] = Coalescer(self._online_many)
 
     # ------------------------------------------------------------------ names
 
@@ -120,12 +124,19 @@ class Presence:
     # ------------------------------------------------------------------ reads
 
     async def is_online(self, relationship_id: uuid.UUID, role: str) -> bool:
-        """Whether `role` holds a connection on any live process; False if Redis is down."""
+        """Whether `role` holds a connection on any live process; False if Redis is down.
+        The reads of callers that ask at the same moment go out as one pipeline."""
+        return await self._reads.get((relationship_id, role))
+
+    async def _online_many(self, entries: list[Entry]) -> dict[Entry, bool]:
         try:
-            n = await self._redis.scard(self.key(relationship_id, role))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for relationship_id, role in entries:
+                    self.count_online(pipe, relationship_id, role)
+                counts = await pipe.execute()
         except _ERRORS:
-            return False
-        return n > 0
+            return dict.fromkeys(entries, False)
+        return {entry: n > 0 for entry, n in zip(entries, counts, strict=True)}
 
     def count_online(self, pipe, relationship_id: uuid.UUID, role: str) -> None:
         """Queue, on a pipeline, the number of processes holding `role` (> 0: online)."""

@@ -161,6 +161,30 @@ async def test_a_quick_reconnect_within_the_grace_writes_nothing(redis):
     await p.close()
 
 
+async def test_the_presence_reads_of_a_connect_storm_go_out_in_a_few_round_trips(redis):
+    p, reader = presence(redis, "n", ttl=30), presence(redis, "reader", ttl=30)
+    rels = [uuid.uuid4() for _ in range(1000)]
+    await asyncio.gather(*(p.connected(rel, "partner_a") for rel in rels))
+    reads_before = (await redis.info("stats"))["total_reads_processed"]
+    online = await asyncio.gather(
+        *(reader.is_online(rel, role) for rel in rels for role in ("partner_a", "partner_b"))
+    )
+    reads = (await redis.info("stats"))["total_reads_processed"] - reads_before
+    assert online == [True, False] * len(rels)
+    assert reads < len(online) / 20  # one read a greeting without batching
+    await p.close()
+
+
+async def test_a_presence_read_without_redis_answers_offline():
+    client = aioredis.Redis.from_url("redis://127.0.0.1:1", socket_connect_timeout=0.5)
+    p = presence(client, "n")
+    assert (
+        await asyncio.gather(*(p.is_online(uuid.uuid4(), "partner_a") for _ in range(3)))
+        == [False] * 3
+    )
+    await client.aclose()
+
+
 def test_every_key_a_script_touches_is_in_the_relationship_slot():
     p = presence(None, "n")
     rel = uuid.uuid4()
