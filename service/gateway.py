@@ -49,7 +49,7 @@ from .bus import Subscriber, control_channel
 from .coalesce import Coalescer
 from .config import Settings
 from .gestures import Gestures
-from .hub import Connection, Dedupe, Hub
+from .hub import SLOW_CONSUMER, Connection, Dedupe, Hub
 from .presence import Presence
 from .schemas import (
     DECODE_ERRORS,
@@ -88,6 +88,8 @@ TRY_AGAIN_LATER = 1013
 TOO_BIG = 1009
 SERVICE_RESTART = 1012
 INTERNAL = 1011
+# Closes logged at INFO; the others (a client leaving, a refused token, a restart) at DEBUG.
+_NOTABLE_CLOSES = frozenset({INTERNAL, TRY_AGAIN_LATER, TOO_BIG, SLOW_CONSUMER})
 # Clock skew and commit-to-publish delay that a resync reaches back over.
 _RESYNC_MARGIN = 10.0
 
@@ -357,10 +359,11 @@ class Gateway:
             user_id=caller.user_id,
             expires=caller.expires,
         )
-        log.info(
-            "socket opened",
-            extra={"conn_id": conn.id, "relationship_id": str(relationship_id), "role": role},
-        )
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "socket opened",
+                extra={"conn_id": conn.id, "relationship_id": str(relationship_id), "role": role},
+            )
         code = 1000
         present = False  # undo only what was done
         metrics.CONNECTIONS.inc()
@@ -389,7 +392,8 @@ class Gateway:
                 if present:
                     self._presence.disconnected(relationship_id, role)
                 await self._leave(conn)
-            log.info("socket closed", extra={"conn_id": conn.id, "code": code})
+            level = logging.INFO if code in _NOTABLE_CLOSES else logging.DEBUG
+            log.log(level, "socket closed", extra={"conn_id": conn.id, "code": code})
 
     async def _greet(self, conn: Connection) -> None:
         """The other partner's presence, then the oldest `ws_greeting_limit` pending

@@ -1,8 +1,10 @@
-"""Log format and redaction.
+"""Log format, redaction, and uvicorn's per-socket line.
 
 Our loggers log a fixed message with values as fields (`extra=`); the formatter appends
 them as key=value. Tokens travel in the WebSocket URL's query string, which uvicorn prints
 in its access and handshake lines: `Redact` masks them before any handler sees the record.
+uvicorn's `"WebSocket /ws?..." [accepted]` line, one a socket, is DEBUG here (`QuietAccepts`):
+at the default level a connect storm prints nothing per socket, and no URL at all.
 """
 
 import logging
@@ -45,6 +47,22 @@ class Redact(logging.Filter):
         return True
 
 
+# The message uvicorn's WebSocket protocols log, at INFO, for every socket they accept.
+_ACCEPTED = '%s - "WebSocket %s" [accepted]'
+
+
+class QuietAccepts(logging.Filter):
+    """uvicorn's per-socket accept line as DEBUG: dropped unless `uvicorn.error` logs DEBUG
+    (`--log-level debug`), then shown as DEBUG (and redacted). Placed before `Redact`, so a
+    dropped line costs no regular expression."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != _ACCEPTED or record.levelno != logging.INFO:
+            return True
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -55,10 +73,13 @@ class KeyValueFormatter(logging.Formatter):
 
 
 def configure() -> None:
-    """Redact uvicorn's lines; give our package a handler if the host set none."""
+    """Redact uvicorn's lines, quiet its per-socket one; give our package a handler if the
+    host set none."""
     redact = Redact()
     for name in ("uvicorn.access", "uvicorn.error", "uvicorn"):
         logger = logging.getLogger(name)
+        if not any(isinstance(f, QuietAccepts) for f in logger.filters):
+            logger.filters.insert(0, QuietAccepts())
         if not any(isinstance(f, Redact) for f in logger.filters):
             logger.addFilter(redact)
         for handler in logger.handlers:

@@ -492,6 +492,8 @@ async def test_a_peer_that_stops_answering_pings_is_closed_and_a_quiet_one_that_
 
 
 async def test_the_token_never_appears_in_the_process_log(processes, couple: Couple):
+    """At the default level nothing is logged per socket, so no URL and no token either;
+    uvicorn's accept line, written before its 101 answer, would be in the log by now."""
     [p] = await processes(1)
     a = await Client.open(p.ws_url, couple.id, couple.a_token)
     await a.expect("presence")
@@ -500,6 +502,12 @@ async def test_the_token_never_appears_in_the_process_log(processes, couple: Cou
     code, _ = await refused(p.ws_url, couple.id, bad)
     assert code == 4401
     assert SECRET not in couple.a_token
+    # At the default level nothing is logged per socket (no URL, so no token); uvicorn's
+    # accept line, written before its 101 answer, would be in the log by now.
+    text = p.log_path.read_text(errors="replace")
+    assert "Application startup complete" in text  # the log is uvicorn's, at its default level
+    for per_socket in ("WebSocket /ws", "token=", "socket opened", "socket closed"):
+        assert per_socket not in text
     # A handshake the server denies is logged with its query string, token and all.
     denied = p.ws_url.replace("/ws", "/nowhere") + f"?token={couple.b_token}"
     with pytest.raises(InvalidStatus):

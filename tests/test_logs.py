@@ -5,7 +5,7 @@ import logging
 from uvicorn.logging import AccessFormatter
 
 from service import auth
-from service.logs import Redact
+from service.logs import QuietAccepts, Redact
 
 
 def _access_record(path: str) -> logging.LogRecord:
@@ -42,3 +42,34 @@ def test_a_token_in_an_argument_that_is_no_string_is_redacted_too():
     record = logging.LogRecord("x", logging.INFO, __file__, 1, "open %s", (Url(),), None)
     Redact().filter(record)
     assert record.getMessage() == "open /ws?token=[redacted]"
+
+
+def test_uvicorn_accept_line_is_debug_and_redacted_when_shown():
+    """One line a socket, with the URL (and so the token): shown only at DEBUG."""
+
+    class Keep(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.lines.append(f"{record.levelname} {record.getMessage()}")
+
+    jwt = auth.issue("a-secret-long-enough-to-sign-with-hs256!", sub="alice")
+    logger = logging.getLogger("test.uvicorn.error")
+    logger.propagate = False
+    logger.filters[:] = [QuietAccepts(), Redact()]
+    keep = Keep()
+    logger.addHandler(keep)
+    try:
+        for level in (logging.INFO, logging.DEBUG):
+            logger.setLevel(level)
+            logger.info('%s - "WebSocket %s" [accepted]', "127.0.0.1:5000", f"/ws?token={jwt}")
+            logger.info("Application startup complete.")
+    finally:
+        logger.removeHandler(keep)
+    assert keep.lines == [
+        "INFO Application startup complete.",
+        'DEBUG 127.0.0.1:5000 - "WebSocket /ws?token=[redacted]" [accepted]',
+        "INFO Application startup complete.",
+    ]
