@@ -34,9 +34,10 @@ class Coalescer(Generic[K, V]):
     async def get(self, key: K) -> V:
         future = self._waiting.get(key)
         if future is None:
-            future = self._waiting[key] = asyncio.get_running_loop().create_future()
+            loop = asyncio.get_running_loop()
+            future = self._waiting[key] = loop.create_future()
             if self._runner is None:
-                self._runner = asyncio.get_running_loop().create_task(self._run())
+                self._runner = loop.create_task(self._run())
         return await asyncio.shield(future)
 
     async def _run(self) -> None:
