@@ -1,14 +1,18 @@
 """Coalescing reads: many callers' keys answered by one call.
 
-`Coalescer(fetch)` serves `await get(key)` for every caller that asks while a batch is in
-flight, or in the same turn of the event loop, with one `fetch(keys)`: a connect storm costs
-one query or one Redis command per batch, not one per socket. It is the read-side twin of
-`store.GroupCommit`: batches grow with load, and a lone caller waits for nobody (its batch
-starts on the next turn of the loop).
+`Coalescer(fetch)` serves every caller that asks while a batch is in flight, or in the same
+turn of the event loop, with one `fetch(keys)`: a connect storm costs one query or one Redis
+command per batch, not one per socket. It is the read-side twin of `store.GroupCommit`:
+batches grow with load, and a lone caller waits for nobody (its batch starts on the next
+turn of the loop).
+
+`await get(key)` is the answer; `future(key)` is a future of it, for a caller that starts
+several reads before awaiting any (no task per read).
 
 Promises: each key is fetched once a batch however many callers ask for it; a failure of
-`fetch` is raised to every caller of that batch, and the next batch starts afresh; a caller
-that is cancelled does not cancel the batch for the others.
+`fetch` is raised to every caller of that batch, and the next batch starts afresh; each
+caller has a future of its own, so one that is cancelled (or cancels its future) changes
+nothing for the others.
 """
 
 import asyncio
@@ -28,17 +32,23 @@ class Coalescer(Generic[K, V]):
     ) -> None:
         self._fetch = fetch
         self._max_batch = max_batch
-        self._waiting: dict[K, asyncio.Future[V]] = {}
+        self._waiting: dict[K, list[asyncio.Future[V]]] = {}
         self._runner: asyncio.Task[None] | None = None
 
-    async def get(self, key: K) -> V:
-        future = self._waiting.get(key)
-        if future is None:
-            loop = asyncio.get_running_loop()
-            future = self._waiting[key] = loop.create_future()
+    def future(self, key: K) -> "asyncio.Future[V]":
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        waiting = self._waiting.get(key)
+        if waiting is None:
+            self._waiting[key] = [future]
             if self._runner is None:
                 self._runner = loop.create_task(self._run())
-        return await asyncio.shield(future)
+        else:
+            waiting.append(future)
+        return future
+
+    async def get(self, key: K) -> V:
+        return await self.future(key)
 
     async def _run(self) -> None:
         try:
@@ -49,17 +59,21 @@ class Coalescer(Generic[K, V]):
                 try:
                     found = await self._fetch(keys)
                 except asyncio.CancelledError:
-                    for future in batch.values():
-                        future.cancel()
+                    for futures in batch.values():
+                        for future in futures:
+                            future.cancel()
                     raise
                 except Exception as exc:
-                    for future in batch.values():
-                        if not future.done():
-                            future.set_exception(exc)
-                            future.exception()  # retrieved: a caller may have gone
+                    for futures in batch.values():
+                        for future in futures:
+                            if not future.done():
+                                future.set_exception(exc)
+                                future.exception()  # retrieved: a caller may have gone
                     continue
-                for key, future in batch.items():
-                    if not future.done():
+                for key, futures in batch.items():
+                    for future in futures:
+                        if future.done():
+                            continue
                         if key in found:
                             future.set_result(found[key])
                         else:

@@ -79,6 +79,7 @@ from .schemas import (
     presence_decoder,
 )
 from .validation import describe
+from .wsserver import direct_writer
 
 log = logging.getLogger(__name__)
 
@@ -176,6 +177,12 @@ class Gateway:
 
     def _push_received(self, gesture: Gesture) -> None:
         frame, delivered, dedupe = self._received(gesture)
+        if delivered is not None:
+            # Before the push: a socket that can take the frame at once is written to, and
+            # `_delivered` called, inside it.
+            if len(self._committed) > 10_000:  # written never (sockets gone): forget
+                self._committed.clear()
+            self._committed[delivered] = gesture.sent_at.timestamp()
         pushed = self.hub.push(
             gesture.relationship_id,
             other_role(gesture.sent_by),
@@ -183,10 +190,8 @@ class Gateway:
             delivered=delivered,
             dedupe=dedupe,
         )
-        if pushed and delivered is not None:
-            if len(self._committed) > 10_000:  # written never (sockets gone): forget
-                self._committed.clear()
-            self._committed[delivered] = gesture.sent_at.timestamp()
+        if not pushed and delivered is not None:
+            self._committed.pop(delivered, None)
 
     def _delivered(self, gesture_id: uuid.UUID) -> None:
         """A gesture_received frame handed `gesture_id` over: time it, mark it delivered."""
@@ -303,9 +308,13 @@ class Gateway:
     async def _join(self, conn: Connection) -> None:
         rel = conn.relationship_id
         if self.hub.add(conn):
-            future = asyncio.ensure_future(self._subscribe.get(rel))
-            self._subscriptions[rel] = future
-        await asyncio.shield(self._subscriptions[rel])
+            self._subscriptions[rel] = self._subscribe.future(rel)
+        subscribed = self._subscriptions[rel]
+        if subscribed.done():
+            subscribed.result()  # raises what the subscription raised
+        else:
+            # Shared by the relationship's sockets: one leaving must not cancel it.
+            await asyncio.shield(subscribed)
 
     async def _subscribe_many(self, relationship_ids: list[uuid.UUID]) -> dict[uuid.UUID, bool]:
         """One SUBSCRIBE for the channels of every relationship joined at the same moment."""
@@ -358,6 +367,7 @@ class Gateway:
             limit=self._settings.ws_queue_size,
             user_id=caller.user_id,
             expires=caller.expires,
+            write_now=direct_writer(getattr(ws, "_receive", None)),
         )
         if log.isEnabledFor(logging.DEBUG):
             log.debug(
@@ -399,10 +409,14 @@ class Gateway:
         """The other partner's presence, then the oldest `ws_greeting_limit` pending
         gestures, oldest first (the rest stay pending, readable over HTTP)."""
         other = other_role(conn.role)
-        online, pending = await asyncio.gather(
-            self._presence.is_online(conn.relationship_id, other),
-            self._pending.get((conn.relationship_id, conn.role)),
-        )
+        # Both reads join their batches now; each future is this socket's own.
+        online_read = self._presence.online_future(conn.relationship_id, other)
+        pending_read = self._pending.future((conn.relationship_id, conn.role))
+        try:
+            online = await online_read
+            pending = await pending_read
+        finally:
+            pending_read.cancel()  # nothing, if it was read; else not waited for
         if conn.other_online is None:
             conn.other_online = online
         else:

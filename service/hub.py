@@ -48,6 +48,7 @@ class Connection:
         "_queue",
         "_seen",
         "_send",
+        "_write_now",
         "closed",
         "expires",
         "id",
@@ -68,6 +69,7 @@ class Connection:
         limit: int,
         user_id: str | None = None,
         expires: float = math.inf,
+        write_now: Callable[[bytes], bool] | None = None,
     ) -> None:
         self.id = next(_ids)
         self.relationship_id = relationship_id
@@ -75,6 +77,8 @@ class Connection:
         self.user_id = user_id
         self.expires = expires
         self._send = send
+        # Writes a frame at once when it can (False: it could not); frames queue otherwise.
+        self._write_now = write_now
         self._close = close
         self._on_delivered = on_delivered
         self._limit = limit
@@ -128,6 +132,9 @@ class Connection:
     def _enqueue(self, frame: bytes, delivered: uuid.UUID | None) -> None:
         if self.closed:
             return
+        if not self._queue and self._write_now is not None and self._write_now(frame):
+            self._written(frame, delivered)
+            return
         if len(self._queue) >= self._limit + self._greeting:
             self.overflow()
             return
@@ -139,15 +146,18 @@ class Connection:
         try:
             while self._queue and not self.closed:
                 frame, delivered = self._queue.popleft()
-                self._greeting = max(0, self._greeting - 1)
                 await self._send(frame)
-                metrics.frame_written(frame)
-                if delivered is not None:
-                    self._on_delivered(delivered)
+                self._written(frame, delivered)
         except Exception:
             self.closed = True  # the socket is gone; its reader sees the disconnect
         finally:
             self._flusher = None
+
+    def _written(self, frame: bytes, delivered: uuid.UUID | None) -> None:
+        self._greeting = max(0, self._greeting - 1)
+        metrics.frame_written(frame)
+        if delivered is not None:
+            self._on_delivered(delivered)
 
     def overflow(self) -> None:
         """Close as a slow consumer: drop its queue, keep the process's memory bounded."""

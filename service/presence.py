@@ -128,6 +128,10 @@ class Presence:
         The reads of callers that ask at the same moment go out as one pipeline."""
         return await self._reads.get((relationship_id, role))
 
+    def online_future(self, relationship_id: uuid.UUID, role: str) -> "asyncio.Future[bool]":
+        """`is_online` as a future of the same batched read (no task of its own)."""
+        return self._reads.future((relationship_id, role))
+
     async def _online_many(self, entries: list[Entry]) -> dict[Entry, bool]:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:

@@ -542,6 +542,9 @@ async def test_a_presence_change_during_the_greeting_is_not_undone_by_the_greeti
             await release_read.wait()
             return False  # read before the partner's connection counted
 
+        def online_future(self, relationship_id, role) -> asyncio.Future:
+            return asyncio.ensure_future(self.is_online(relationship_id, role))
+
     class NoPending:
         async def pending_for(self, relationship_id, role, *limit) -> list:
             return []
