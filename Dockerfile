@@ -22,4 +22,4 @@ EXPOSE 8000
 # The Procfile's web command; exec makes uvicorn PID 1, so it gets SIGTERM itself.
 # WS_PER_MESSAGE_DEFLATE, WS_PING_INTERVAL and WS_PING_TIMEOUT are uvicorn's to apply, not
 # the app's: this line is where they are read (see docs/operations.md).
-CMD ["sh", "-c", "exec uvicorn service.app:app --host 0.0.0.0 --port \"${PORT:-8000}\" --ws service.wsserver:WSProtocol --ws-max-size 16384 --ws-per-message-deflate \"${WS_PER_MESSAGE_DEFLATE:-false}\" --ws-ping-interval \"${WS_PING_INTERVAL:-30}\" --ws-ping-timeout \"${WS_PING_TIMEOUT:-20}\" --no-server-header --timeout-graceful-shutdown 10 --proxy-headers --forwarded-allow-ips='*'"]
+CMD ["sh", "-c", "exec uvicorn service.app:app --host 0.0.0.0 --port \"${PORT:-8000}\" --http service.wsserver:HttpProtocol --ws service.wsserver:WSProtocol --ws-max-size 16384 --ws-per-message-deflate \"${WS_PER_MESSAGE_DEFLATE:-false}\" --ws-ping-interval \"${WS_PING_INTERVAL:-30}\" --ws-ping-timeout \"${WS_PING_TIMEOUT:-20}\" --no-server-header --timeout-graceful-shutdown 10 --proxy-headers --forwarded-allow-ips='*'"]

@@ -213,6 +213,7 @@ def demo_address(base_url: str, b_ws: str, secret: str, ttl: int = 24 * 3600) ->
 
 # uvicorn's wsproto protocol with one keepalive timer per process (see service/wsserver.py).
 WS_PROTOCOL = "service.wsserver:WSProtocol"
+HTTP_PROTOCOL = "service.wsserver:HttpProtocol"
 
 
 def uvicorn_command(
@@ -229,6 +230,8 @@ def uvicorn_command(
         "service.app:app",
         "--port",
         str(port),
+        "--http",
+        HTTP_PROTOCOL,
         "--ws",
         ws,
         "--ws-max-size",

@@ -693,3 +693,87 @@ def direct_writer(receive) -> "Callable[[bytes], bool] | None":
     server (the caller then writes through ASGI `send` alone)."""
     protocol = getattr(receive, "__self__", None)
     return protocol.write_text if isinstance(protocol, WSProtocol) else None
+
+
+# ---------------------------------------------------------------------------- the HTTP front
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol as _HttpProtocol
+except ImportError:  # pragma: no cover (httptools is part of uvicorn[standard])
+    from uvicorn.protocols.http.h11_impl import H11Protocol as _HttpProtocol
+
+
+class HttpProtocol(asyncio.Protocol):
+    """uvicorn's `--http`: what a connection is before its first request says what it is.
+
+    A connection whose first bytes are a whole `GET ... HTTP/1.1` request asking to upgrade
+    to a WebSocket goes straight to `--ws` (the project's `WSProtocol`, which reads the
+    request itself); any other goes to uvicorn's httptools protocol, with the bytes read so
+    far, and is served exactly as uvicorn serves it. A connect then skips an HTTP parser
+    object, its callbacks for every header, a scope and the request written out again, which
+    was a seventh of a connect's CPU. The WebSocket handshake's own checks (version, key,
+    `Connection: Upgrade`) are `WSProtocol`'s; with `--limit-concurrency` set every
+    connection takes uvicorn's path, which enforces it.
+    """
+
+    __slots__ = ("app_state", "config", "connections", "loop", "server_state", "transport")
+
+    def __init__(self, config: Config, server_state, app_state: dict, _loop=None) -> None:
+        if not config.loaded:
+            config.load()  # pragma: no cover
+        self.config = config
+        self.server_state = server_state
+        self.connections = server_state.connections
+        self.app_state = app_state
+        self.loop = _loop or asyncio.get_event_loop()
+        self.transport: asyncio.Transport = None  # type: ignore[assignment]
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        self.connections.add(self)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connections.discard(self)
+
+    def eof_received(self) -> None:
+        pass
+
+    def shutdown(self) -> None:
+        self.transport.close()  # nothing was asked yet
+
+    def data_received(self, data: bytes) -> None:
+        self.connections.discard(self)
+        ws_class = self.config.ws_protocol_class
+        if ws_class is not None and self.config.limit_concurrency is None and _upgrade(data):
+            protocol = ws_class(
+                config=self.config, server_state=self.server_state, app_state=self.app_state
+            )
+            self.server_state.total_requests += 1
+        else:
+            protocol = _HttpProtocol(
+                config=self.config,
+                server_state=self.server_state,
+                app_state=self.app_state,
+                _loop=self.loop,
+            )
+        self.transport.set_protocol(protocol)
+        protocol.connection_made(self.transport)
+        protocol.data_received(data)
+
+
+def _upgrade(data: bytes) -> bool:
+    """Whether `data` is one whole HTTP/1.1 GET asking to upgrade to a WebSocket (and
+    nothing after it: a client speaks next only once it has the 101)."""
+    if not data.startswith(b"GET ") or not data.endswith(b"\r\n\r\n"):
+        return False
+    lines = data[:-4].split(b"\r\n")
+    if not lines[0].endswith(b" HTTP/1.1") or lines[0].count(b" ") != 2:
+        return False
+    websocket = False
+    for line in lines[1:]:
+        name, colon, value = line.partition(b":")
+        if not colon or not name or name != name.strip() or b"\x00" in line:
+            return False
+        if name.lower() == b"upgrade" and value.strip().lower() == b"websocket":
+            websocket = True
+    return websocket

@@ -228,6 +228,7 @@ class InProcess(_Listening):
             create_app(settings),
             host="127.0.0.1",
             port=0,
+            http=cli.HTTP_PROTOCOL,
             ws=ws,
             log_level="warning",
             lifespan="on",

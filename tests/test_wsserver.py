@@ -12,7 +12,7 @@ import struct
 import pytest
 import uvicorn
 
-from service.wsserver import WSProtocol, WsprotoProtocol
+from service.wsserver import HttpProtocol, WSProtocol, WsprotoProtocol
 
 from .conftest import InProcess
 
@@ -33,6 +33,11 @@ class Echo:
             while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await send({"type": "lifespan.shutdown.complete"})
+            return
+        if scope["type"] == "http":
+            body = f"plain {scope['method']} {scope['path']}".encode()
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": body})
             return
         assert (await receive())["type"] == "websocket.connect"
         if scope["path"] == "/deny":
@@ -60,6 +65,7 @@ class EchoServer(InProcess):
             self.app,
             host="127.0.0.1",
             port=0,
+            http=HttpProtocol,
             ws=WSProtocol,
             ws_max_size=1024,
             ws_per_message_deflate=False,
@@ -89,14 +95,22 @@ class Raw:
         self.reader, self.writer, self.head = reader, writer, head
 
     @classmethod
-    async def open(cls, port: int, path: str = "/echo", extra: str = "", version: str = "13"):
+    async def open(
+        cls, port: int, path: str = "/echo", extra: str = "", version: str = "13", split=False
+    ):
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         key = base64.b64encode(os.urandom(16))
-        writer.write(
+        request = (
             f"GET {path} HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             f"Sec-WebSocket-Key: {key.decode()}\r\nSec-WebSocket-Version: {version}\r\n"
             f"{extra}\r\n".encode()
         )
+        if split:  # in two writes, the second only once the server has read the first
+            writer.write(request[:20])
+            await writer.drain()
+            await asyncio.sleep(0.05)
+            request = request[20:]
+        writer.write(request)
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         raw = cls(reader, writer, head)
         cls.opened.append(raw)
@@ -264,3 +278,23 @@ async def test_stopping_the_server_closes_sockets_with_1012():
     assert (await asyncio.wait_for(s.app.disconnects.get(), 5))["code"] == 1012
     await Raw.close_all()
     await s.stop()
+
+
+async def test_an_upgrade_that_arrives_in_pieces_still_opens_a_socket(server):
+    _, port = server
+    raw = await Raw.open(port, split=True)
+    assert raw.head.startswith(b"HTTP/1.1 101")
+    raw.frame(0x1, b"whole")
+    assert await raw.read() == (0x1, b"whole")
+
+
+async def test_plain_http_and_a_malformed_upgrade_are_served_as_uvicorn_serves_them(server):
+    _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"GET /page HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    assert b"plain GET /page" in await asyncio.wait_for(reader.read(100), 5)
+    writer.close()
+    raw = await Raw.open(port, extra="this line has no colon\r\n")
+    assert raw.head.startswith(b"HTTP/1.1 400")
