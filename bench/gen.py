@@ -271,6 +271,10 @@ async def run_ws(cfg: dict) -> None:
             await asyncio.sleep(0.002)
         return {"sent": sent, "elapsed": time.time() - start}
 
+    # Generators started one after another begin together, at `start_at` when given: the
+    # connect rate is then the service's, not how fast the orchestrator spawned processes.
+    if cfg.get("start_at"):
+        await asyncio.sleep(max(0.0, cfg["start_at"] - time.time()))
     t_start = time.time()
     cpu_start = time.process_time()
     for c in clients:
