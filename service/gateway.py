@@ -524,10 +524,13 @@ class Gateway:
     async def shutdown(self) -> None:
         """Close every socket with 1012 so clients reconnect elsewhere."""
         self.closing = True
-        conns = list(self.hub)
-        for conn in conns:
+        writing = []
+        for conn in self.hub:
             conn.closed = True
-        await asyncio.gather(*(c.drained() for c in conns), return_exceptions=True)
+            if (flusher := conn.flusher()) is not None:
+                writing.append(flusher)
+        if writing:  # only the sockets with frames still queued: no task per socket
+            await asyncio.wait(writing)
 
 
 def _as_event(kind, gesture: Gesture, response: Gesture | None = None) -> Event:

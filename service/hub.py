@@ -179,6 +179,10 @@ class Connection:
         # Held by the connection, since the loop holds tasks only weakly.
         self._closer = asyncio.get_running_loop().create_task(self._close(code, reason))
 
+    def flusher(self) -> "asyncio.Task[None] | None":
+        """The task writing what is queued, if any."""
+        return self._flusher
+
     async def drained(self) -> None:
         """Wait until what is queued has been written (used at shutdown)."""
         flusher = self._flusher
