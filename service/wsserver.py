@@ -462,7 +462,11 @@ class WSProtocol(asyncio.Protocol):
         if opcode == 0x8:
             return self._on_close(payload)
         if opcode == 0x9:
-            self.transport.write(_frame(0xA, payload))
+            # Not after our close, nor while the peer leaves our writes unread: a peer that
+            # pings without reading its pongs must not grow this process's buffers.
+            paused = self.write_paused is not None and not self.write_paused.done()
+            if not self.close_sent and not paused:
+                self.transport.write(_frame(0xA, payload))
             return
         if opcode == 0xA:
             if self.pending_ping_payload is not None and payload == self.pending_ping_payload:
