@@ -314,7 +314,8 @@ class Presence:
         keys: list[str] = []
         args: list[str] = [node, self._publish]
         for (relationship_id, role), join in ops:
-            keys += (self.key(relationship_id, role), self.channel(relationship_id))
+            channel = self.channel(relationship_id)  # the key is the channel ":<role>"
+            keys += (f"{channel}:{role}", channel)
             args += (role, "1" if join else "0")
         pipe.execute_command("EVALSHA", _SHA[_WRITE_MANY], len(keys), *keys, *args)
 
