@@ -27,10 +27,13 @@ over) and removes its entries, announcing each partner that goes offline: at mos
 data) notices on its next beat, when its own score was absent, and writes its entries again.
 
 Joins and leaves of many connections at once (a reconnect storm) go out as one pipeline per
-batch, as the write path groups commits: each Lua call touches one relationship's keys
-only, all carrying the `{<relationship>}` hash tag, channel included, so a Redis Cluster
-can run them (the publish command is a parameter: SPUBLISH there). The node keys are
-written outside the scripts.
+batch, as the write path groups commits. On a Redis Cluster each Lua call touches one
+relationship's keys only, all carrying the `{<relationship>}` hash tag, channel included,
+so the cluster can route it (the publish command is a parameter: SPUBLISH there). On a
+single Redis, where any keys may meet in one script, a batch's joins and leaves are one
+call of `_WRITE_MANY` (up to `_CHUNK` entries), and a batch of presence reads one call of
+`_COUNT_MANY`: a command per entry costs the client more than the server (redis-py packs,
+sends and parses each). The node keys are written outside the scripts.
 """
 
 import asyncio
@@ -67,7 +70,35 @@ if redis.call('SREM', KEYS[1], ARGV[1]) == 1 and redis.call('SCARD', KEYS[1]) ==
 end
 return 0
 """
-_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (_JOIN, _LEAVE)}
+# Single Redis only: _JOIN or _LEAVE for many entries, in order, in one call. KEYS: per entry
+# its set of nodes and its presence channel. ARGV: node, the publish command, then per entry
+# its role and "1" (join) or "0" (leave). Returns how many changes it announced.
+_WRITE_MANY = """
+local node, publish, announced = ARGV[1], ARGV[2], 0
+for i = 1, #KEYS / 2 do
+  local key, channel, role = KEYS[2 * i - 1], KEYS[2 * i], ARGV[2 * i + 1]
+  if ARGV[2 * i + 2] == '1' then
+    if redis.call('SADD', key, node) == 1 and redis.call('SCARD', key) == 1 then
+      redis.call(publish, channel, '{"partner":"' .. role .. '","online":true}')
+      announced = announced + 1
+    end
+  elseif redis.call('SREM', key, node) == 1 and redis.call('SCARD', key) == 0 then
+    redis.call(publish, channel, '{"partner":"' .. role .. '","online":false}')
+    announced = announced + 1
+  end
+end
+return announced
+"""
+# Single Redis only: the SCARD of each key, in order.
+_COUNT_MANY = """
+local counts = {}
+for i = 1, #KEYS do
+  counts[i] = redis.call('SCARD', KEYS[i])
+end
+return counts
+"""
+_SCRIPTS = (_JOIN, _LEAVE, _WRITE_MANY, _COUNT_MANY)
+_SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in _SCRIPTS}
 # Entries per pipeline: packing and parsing one of 15,000 would hold the event loop, and
 # every socket's frames, for a good fraction of a second.
 _CHUNK = 500
@@ -97,6 +128,9 @@ class Presence:
         self._liveness = ttl * 2 / 3
         self._grace = grace
         self._publish = publish_command
+        # Keys of different relationships live on different shards of a cluster: a command
+        # an entry there; one command a batch on a single Redis.
+        self._cluster = isinstance(redis, aioredis.RedisCluster)
         self._nodes_key = f"{prefix}nodes"
         self._local: Counter[Entry] = Counter()
         self._leaving: dict[Entry, asyncio.TimerHandle] = {}
@@ -133,13 +167,22 @@ class Presence:
         return self._reads.future((relationship_id, role))
 
     async def _online_many(self, entries: list[Entry]) -> dict[Entry, bool]:
-        try:
-            async with self._redis.pipeline(transaction=False) as pipe:
+        """One SCARD an entry in a pipeline on a cluster, one `_COUNT_MANY` on a single
+        Redis (the Coalescer's batches hold at most 500 entries); all False if Redis is down."""
+
+        def fill(pipe) -> None:
+            if self._cluster:
                 for relationship_id, role in entries:
                     self.count_online(pipe, relationship_id, role)
-                counts = await pipe.execute()
+            else:
+                keys = [self.key(relationship_id, role) for relationship_id, role in entries]
+                pipe.execute_command("EVALSHA", _SHA[_COUNT_MANY], len(keys), *keys)
+
+        try:
+            results = await self._pipeline(fill)
         except _ERRORS:
             return dict.fromkeys(entries, False)
+        counts = results if self._cluster else results[0]
         return {entry: n > 0 for entry, n in zip(entries, counts, strict=True)}
 
     def count_online(self, pipe, relationship_id: uuid.UUID, role: str) -> None:
@@ -232,8 +275,11 @@ class Presence:
                 leaves = [f"{rel}:{role}" for (rel, role), wanted in chunk if not wanted]
                 if joins:
                     pipe.sadd(members, *joins)
-                for (relationship_id, role), wanted in chunk:
-                    self._call(pipe, _JOIN if wanted else _LEAVE, relationship_id, role)
+                if self._cluster:
+                    for (relationship_id, role), wanted in chunk:
+                        self._call(pipe, _JOIN if wanted else _LEAVE, relationship_id, role)
+                else:
+                    self._call_many(pipe, chunk, self._node)
                 if leaves:
                     pipe.srem(members, *leaves)
 
@@ -263,6 +309,16 @@ class Presence:
             self._publish,
         )
 
+    def _call_many(self, pipe, ops: list[tuple[Entry, bool]], node: str) -> None:
+        """Queue one `_WRITE_MANY` for `ops`, (entry, join?) pairs: a single Redis only."""
+        keys: list[str] = []
+        args: list[str] = [node, self._publish]
+        for (relationship_id, role), join in ops:
+            channel = self.channel(relationship_id)  # the key is the channel ":<role>"
+            keys += (f"{channel}:{role}", channel)
+            args += (role, "1" if join else "0")
+        pipe.execute_command("EVALSHA", _SHA[_WRITE_MANY], len(keys), *keys, *args)
+
     async def _pipeline(self, fill) -> list:
         """Run the pipeline that `fill(pipe)` queues. Redis restarted or flushed its script
         cache: load the scripts and run it again (every command in it is idempotent)."""
@@ -274,7 +330,7 @@ class Presence:
                 except NoScriptError:
                     if attempt == 2:
                         raise
-            for script in (_JOIN, _LEAVE):
+            for script in _SCRIPTS:
                 await self._redis.script_load(script)
         raise AssertionError("unreachable")
 
@@ -350,11 +406,15 @@ class Presence:
         )
 
     async def _leave_all(self, entries: list[Entry], node: str) -> int:
-        """LEAVE for each entry of `node` in one pipeline; how many went offline."""
+        """LEAVE for each entry of `node` in one pipeline (one command on a single Redis);
+        how many went offline."""
 
         def fill(pipe) -> None:
-            for relationship_id, role in entries:
-                self._call(pipe, _LEAVE, relationship_id, role, node)
+            if self._cluster:
+                for relationship_id, role in entries:
+                    self._call(pipe, _LEAVE, relationship_id, role, node)
+            else:
+                self._call_many(pipe, [(entry, False) for entry in entries], node)
 
         return sum(await self._pipeline(fill))
 

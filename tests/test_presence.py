@@ -3,7 +3,9 @@ per process whatever it holds, a dead process's clean-up announced once, connect
 written in a few round trips, and keys a Redis Cluster can serve."""
 
 import asyncio
+import json
 import uuid
+from collections import Counter
 
 import pytest
 import redis.asyncio as aioredis
@@ -60,6 +62,11 @@ async def commands(client: aioredis.Redis) -> int:
     """Commands the server has run, INFO itself left out."""
     stats = await client.info("commandstats")
     return sum(v["calls"] for k, v in stats.items() if k != "cmdstat_info")
+
+
+async def script_calls(client: aioredis.Redis) -> int:
+    stats = await client.info("commandstats")
+    return stats.get("cmdstat_evalsha", {}).get("calls", 0)
 
 
 async def test_a_killed_process_goes_offline_announced_once_and_its_entries_are_removed(redis):
@@ -191,3 +198,76 @@ def test_every_key_a_script_touches_is_in_the_relationship_slot():
     slots = {key_slot(k.encode()) for k in (p.key(rel, "partner_a"), p.key(rel, "partner_b"))}
     slots.add(key_slot(p.channel(rel).encode()))
     assert slots == {key_slot(str(rel).encode())}
+
+
+async def test_a_batch_of_joins_and_leaves_announces_each_partner_once(redis):
+    # More entries than one script call takes; `other` already holds some of the partners.
+    p, other = presence(redis, "p", ttl=30), presence(redis, "other", ttl=30)
+    rels = [uuid.uuid4() for _ in range(1200)]
+    shared = rels[:300]
+    await asyncio.gather(*(other.connected(rel, "partner_a") for rel in shared))
+
+    async with Announcements(redis) as seen:
+
+        async def barrier() -> None:
+            """Every announcement published before this one has been read."""
+            channel = f"{PREFIX}{{barrier-{uuid.uuid4()}}}"
+            await redis.publish(channel, b"{}")
+            await eventually(lambda: any(c == channel for c, _ in seen.seen))
+
+        def announced() -> Counter:
+            return Counter(
+                (channel, json.loads(data)["partner"], json.loads(data)["online"])
+                for channel, data in seen.seen
+                if "barrier" not in channel
+            )
+
+        before = await script_calls(redis)
+        await asyncio.gather(
+            *(p.connected(rel, role) for rel in rels for role in ("partner_a", "partner_b"))
+        )
+        # One script call a batch of up to 500 entries, not one an entry.
+        assert await script_calls(redis) - before < len(rels) / 100
+        await barrier()
+        assert announced() == Counter(
+            {(p.channel(rel), role, True): 1 for rel in rels for role in ("partner_a", "partner_b")}
+            | {(p.channel(rel), "partner_a", True): 0 for rel in shared}
+        )
+
+        seen.seen.clear()
+        for rel in rels:
+            for role in ("partner_a", "partner_b"):
+                p.disconnected(rel, role)
+        expected = Counter(
+            {
+                (p.channel(rel), role, False): 1
+                for rel in rels
+                for role in ("partner_a", "partner_b")
+            }
+            | {(p.channel(rel), "partner_a", False): 0 for rel in shared}
+        )
+        await eventually(lambda: announced() == +expected, timeout=10)
+        await barrier()
+        assert announced() == +expected  # and nothing more
+        assert await redis.smembers(f"{PREFIX}entries:p") == set()
+
+        # The last holder of the shared partners goes: offline once each, now.
+        seen.seen.clear()
+        await other.close()
+        await barrier()
+        assert announced() == Counter({(p.channel(rel), "partner_a", False): 1 for rel in shared})
+    await p.close()
+    assert await redis.keys(f"{PREFIX}{{*") == []
+
+
+async def test_presence_survives_redis_forgetting_its_scripts(redis):
+    p, reader = presence(redis, "p", ttl=30), presence(redis, "reader", ttl=30)
+    rels = [uuid.uuid4() for _ in range(3)]
+    await p.connected(rels[0], "partner_a")
+    await redis.script_flush()
+    await p.connected(rels[1], "partner_a")
+    await redis.script_flush()
+    online = await asyncio.gather(*(reader.is_online(rel, "partner_a") for rel in rels))
+    assert online == [True, True, False]
+    await p.close()
+    assert await redis.keys("*") == []
