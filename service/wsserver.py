@@ -27,7 +27,7 @@ from collections.abc import Callable
 from urllib.parse import unquote
 
 from uvicorn.config import Config
-from uvicorn.protocols.utils import ClientDisconnected, get_local_addr, get_remote_addr, is_ssl
+from uvicorn.protocols.utils import ClientDisconnected, is_ssl
 from uvicorn.protocols.websockets.websockets_sansio_impl import (
     WebSocketsSansIOProtocol as _SansioProtocol,
 )
@@ -166,6 +166,14 @@ except ImportError:  # pragma: no cover
         n = len(data)
         key = int.from_bytes((mask * (n // 4 + 1))[:n], "big")
         return (int.from_bytes(data, "big") ^ key).to_bytes(n, "big")
+
+
+def _address(info) -> tuple[str, int] | None:
+    """An ASGI address from a transport's sockname or peername (asked for directly: uvicorn's
+    helpers make the transport build a socket object for it, kept as long as the socket)."""
+    if isinstance(info, list | tuple) and len(info) >= 2:
+        return (str(info[0]), int(info[1]))
+    return None
 
 
 def _frame(opcode: int, payload: bytes) -> bytes:
@@ -372,8 +380,8 @@ class WSProtocol(asyncio.Protocol):
             "asgi": {"version": self.config.asgi_version, "spec_version": "2.4"},
             "http_version": "1.1",
             "scheme": "wss" if is_ssl(self.transport) else "ws",
-            "server": get_local_addr(self.transport),
-            "client": get_remote_addr(self.transport),
+            "server": _address(self.transport.get_extra_info("sockname")),
+            "client": _address(self.transport.get_extra_info("peername")),
             "root_path": root_path,
             "path": root_path + unquote(raw_path.decode("ascii", "replace")),
             "raw_path": root_path.encode("ascii") + raw_path,
