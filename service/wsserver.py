@@ -187,7 +187,10 @@ def _frame(opcode: int, payload: bytes) -> bytes:
 
 
 def _close_frame(code: int, reason: str = "") -> bytes:
-    return _frame(0x8, struct.pack("!H", code) + reason.encode()[:123])
+    """A close frame; the reason cut to the 123 bytes a control frame leaves it, whole
+    characters only (a peer must refuse a reason that is not UTF-8)."""
+    cut = reason.encode()[:123].decode(errors="ignore").encode()
+    return _frame(0x8, struct.pack("!H", code) + cut)
 
 
 class _ProtocolError(Exception):
@@ -350,8 +353,8 @@ class WSProtocol(asyncio.Protocol):
     # ------------------------------------------------------------------ the handshake
 
     def _handshake(self, data: bytes) -> None:
-        # uvicorn hands over the request it parsed, whole, as `METHOD TARGET HTTP/1.1`, one
-        # `name: value` line per header (names in lower case), then an empty line.
+        # The request, whole: from `HttpProtocol` as the client wrote it (`_upgrade` checked
+        # its shape), or from uvicorn's HTTP protocols written out again after parsing it.
         head, _, rest = data.partition(b"\r\n\r\n")
         lines = head.split(b"\r\n")
         method, _, target = lines[0].partition(b" ")
@@ -392,12 +395,11 @@ class WSProtocol(asyncio.Protocol):
             "extensions": {"websocket.http.response": {}},
         }
         if version != b"13":
-            self._respond(
-                426, b"Unsupported WebSocket version", [(b"sec-websocket-version", b"13")]
-            )
+            self._respond(426, b"Unsupported WebSocket version", [_VERSION])
             self.transport.close()
             return
-        if method != b"GET" or not key or b"upgrade" not in upgrade:
+        tokens = [token.strip() for token in upgrade.split(b",")]
+        if method != b"GET" or not key or b"upgrade" not in tokens:
             self._respond(400, b"Bad WebSocket upgrade request")
             self.transport.close()
             return
