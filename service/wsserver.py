@@ -419,9 +419,7 @@ class WSProtocol(asyncio.Protocol):
         for name, value in [*self.default_headers, *headers]:
             lines += [name, b": ", value, b"\r\n"]
         if not more:
-            lines.append(
-                b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n" % len(body)
-            )
+            lines.append(_PLAIN % len(body))
         lines += [b"connection: close\r\n\r\n", body]
         self.transport.write(b"".join(lines))
 
