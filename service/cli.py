@@ -211,7 +211,7 @@ def demo_address(base_url: str, b_ws: str, secret: str, ttl: int = 24 * 3600) ->
     return f"{base_url}/demo#{fragment}"
 
 
-# uvicorn's wsproto protocol with one keepalive timer per process (see service/wsserver.py).
+# The project's WebSocket server protocol and its HTTP front (see service/wsserver.py).
 WS_PROTOCOL = "service.wsserver:WSProtocol"
 HTTP_PROTOCOL = "service.wsserver:HttpProtocol"
 

@@ -14,9 +14,9 @@ How errors reach the client:
 | not a partner, unknown relationship    | close 4403                               |
 | partner removed by PUT /api/relationships | close 4403, on every process, at once |
 | PostgreSQL down while connecting       | close 1013 (try again later)             |
-| frame over 16 KiB                      | close 1009                               |
+| frame over 16 KiB                      | close 1009 (by the server, at once)      |
 | client does not read its frames        | close 1008 (slow consumer)               |
-| no pong to uvicorn's ping in time      | close 1011 by uvicorn (keepalive)        |
+| no pong to the server's ping in time   | close 1011 by the server (keepalive)     |
 | process shutting down                  | close 1012 (service restart)             |
 | frame not JSON, unknown type, bad field| `error` frame, code `invalid`            |
 | errors.Forbidden / NotFound            | `error` frame, `forbidden` / `not_found` |
@@ -454,7 +454,9 @@ class Gateway:
 
     async def _too_big(self, ws: WebSocket, conn: Connection) -> None:
         """Close with 1009, after the replies to the frames before it (a gesture_sent among
-        them) are written: a client that is reading gets them within a second."""
+        them) are written: a client that is reading gets them within a second. Reached only
+        under a server that lets such a frame through: `WSProtocol` closes with 1009 itself,
+        as soon as the frame's header says how long it is."""
         try:
             async with asyncio.timeout(1.0):
                 await conn.drained()

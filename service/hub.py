@@ -132,7 +132,10 @@ class Connection:
     def _enqueue(self, frame: bytes, delivered: uuid.UUID | None) -> None:
         if self.closed:
             return
-        if not self._queue and self._write_now is not None and self._write_now(frame):
+        # At once only when nothing is on its way: a flusher may hold a frame it popped and
+        # waits to write (the socket paused), which must go out first.
+        idle = self._flusher is None and not self._queue
+        if idle and self._write_now is not None and self._write_now(frame):
             self._written(frame, delivered)
             return
         if len(self._queue) >= self._limit + self._greeting:

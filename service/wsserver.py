@@ -1,19 +1,27 @@
-"""The WebSocket protocol the project runs under uvicorn: uvicorn's wsproto protocol, with its
-keepalive pings sent by one timer per server instead of one per socket.
+"""The WebSocket server the project runs under uvicorn: `HttpProtocol` (uvicorn's `--http`)
+in front, `WSProtocol` (its `--ws`) for the sockets, and one keepalive timer per server.
 
-uvicorn pings each socket from a timer of its own and arms a second timer for the pong, so
-at 15,000 sockets and a ping every 30 s the event loop wakes a thousand times a second, once
-for each ping and once for each pong. Here one timer ticks every second and visits the
-sockets whose turn it is (each socket's turn comes every `--ws-ping-interval` seconds): it
-pings them all in one pass, so their pongs come back together, and closes the sockets whose
-previous ping went unanswered for `--ws-ping-timeout` seconds with 1011 "keepalive ping
-timeout", as uvicorn does. The promise is uvicorn's: a peer that stops answering pings (gone
-without a close, behind a proxy or not) is closed within interval + timeout seconds; a
-quiet one that answers stays open. Nothing here knows the app.
+`WSProtocol` is an ASGI WebSocket protocol written for this service: the handshake read
+once, frames read and written by hand, one slotted object a socket (its docstring says what
+it promises). `HttpProtocol` hands a connection whose first bytes are a whole upgrade
+request straight to it, and any other connection to uvicorn's httptools protocol.
+`WsprotoProtocol` and `SansioWSProtocol` are uvicorn's two protocols with the same
+keepalive: the first serves sockets when permessage-deflate is on, both are peers in the
+bench.
 
-Run it as `uvicorn service.app:app --ws service.wsserver:WSProtocol` (the project's
-commands do); everything but the keepalive is uvicorn's `--ws wsproto`.
-`service.wsserver:SansioWSProtocol` is the same over `--ws websockets-sansio`.
+The keepalive: uvicorn pings each socket from a timer of its own and arms a second timer for
+the pong, so at 15,000 sockets and a ping every 30 s the event loop wakes a thousand times a
+second. Here one timer ticks every second and visits the sockets whose turn it is (each
+socket's turn comes every `--ws-ping-interval` seconds): it pings them all in one pass, so
+their pongs come back together, and closes the sockets whose previous ping went unanswered
+for `--ws-ping-timeout` seconds with 1011 "keepalive ping timeout", as uvicorn does. The
+promise is uvicorn's: a peer that stops answering pings (gone without a close, behind a
+proxy or not) is closed within interval + timeout seconds; a quiet one that answers stays
+open. Nothing here knows the app beyond an optional `server_stopping` hook in its lifespan
+state.
+
+Run it as `uvicorn service.app:app --http service.wsserver:HttpProtocol --ws
+service.wsserver:WSProtocol` (the project's commands do).
 """
 
 import asyncio
@@ -155,6 +163,7 @@ class SansioWSProtocol(_WheelKeepalive, _SansioProtocol):
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 _CLOSE_OK = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 _VERSION = (b"sec-websocket-version", b"13")
+_MAX_PIECES = 1024  # frames one message may come in
 _PLAIN = b"content-type: text/plain; charset=utf-8\r\ncontent-length: %d\r\n"
 _REASONS = {400: b"Bad Request", 403: b"Forbidden", 426: b"Upgrade Required", 500: b"Error"}
 
@@ -276,7 +285,7 @@ class WSProtocol(asyncio.Protocol):
         self.scope: dict | None = None
         self.key = b""  # Sec-WebSocket-Key, until the accept
         self.buffer = b""  # bytes of a frame not complete yet
-        self.fragments: list | None = None  # [opcode, size, parts] of a message in pieces
+        self.fragments: list | None = None  # [opcode, bytes so far, pieces] of a message
         self.inbox: deque = deque()  # ASGI messages the app has not taken yet
         self.waiter: asyncio.Future | None = None  # the app waiting in receive()
         self.write_paused: asyncio.Future | None = None
@@ -452,7 +461,7 @@ class WSProtocol(asyncio.Protocol):
             if opcode >= 0x8:
                 if size > 125 or not b0 & 0x80:
                     raise _ProtocolError(1002, "bad control frame")
-            elif size > limit or (self.fragments and self.fragments[1] + size > limit):
+            elif size > limit or (self.fragments and len(self.fragments[1]) + size > limit):
                 raise _ProtocolError(1009, f"message over {limit} bytes")
             if end - at < head + size:
                 break
@@ -483,18 +492,22 @@ class WSProtocol(asyncio.Protocol):
         if opcode == 0x0:
             if self.fragments is None:
                 raise _ProtocolError(1002, "continuation without a message")
-            self.fragments[1] += len(payload)
-            self.fragments[2].append(payload)
+            # The pieces join as they come (memory: the bytes, whatever their number), and
+            # their number is bounded too: empty pieces would otherwise never end a message.
+            self.fragments[1] += payload
+            self.fragments[2] += 1
+            if self.fragments[2] > _MAX_PIECES:
+                raise _ProtocolError(1009, f"message in over {_MAX_PIECES} pieces")
             if not fin:
                 return
-            opcode, _, parts = self.fragments
+            opcode, joined, _ = self.fragments
             self.fragments = None
-            payload = b"".join(parts)
+            payload = bytes(joined)
         elif opcode in (0x1, 0x2):
             if self.fragments is not None:
                 raise _ProtocolError(1002, "a new message inside a fragmented one")
             if not fin:
-                self.fragments = [opcode, len(payload), [payload]]
+                self.fragments = [opcode, bytearray(payload), 1]
                 return
         else:
             raise _ProtocolError(1002, f"unknown opcode {opcode}")
@@ -581,9 +594,12 @@ class WSProtocol(asyncio.Protocol):
     async def send(self, message: dict) -> None:
         if self.write_paused is not None and not self.write_paused.done():
             await self.write_paused
-        if self.disconnected:
-            raise ClientDisconnected()
         kind = message["type"]
+        if self.disconnected or self.transport.is_closing():
+            if kind == "websocket.accept":
+                return  # too late: the peer went, or the server stopped it (as uvicorn)
+            if self.disconnected or self.close_sent:
+                raise ClientDisconnected()
         if not self.handshake_complete:
             if kind == "websocket.accept":
                 self._accept(message)

@@ -34,7 +34,14 @@ class FakeSocket:
         # How many frames had been written when the callback fired.
         self.delivered.append((gesture_id, len(self.sent)))
 
-    def connection(self, relationship_id=None, role="partner_b", limit=8) -> Connection:
+    def write_now(self, frame: bytes) -> bool:
+        """The socket's direct write: only while the peer reads (`gate` set)."""
+        if not self.gate.is_set():
+            return False
+        self.sent.append(frame)
+        return True
+
+    def connection(self, relationship_id=None, role="partner_b", limit=8, direct=False):
         return Connection(
             relationship_id or uuid.uuid4(),
             role,
@@ -42,6 +49,7 @@ class FakeSocket:
             close=self.close,
             on_delivered=self.on_delivered,
             limit=limit,
+            write_now=self.write_now if direct else None,
         )
 
 
@@ -307,3 +315,19 @@ async def test_end_closes_with_the_code_and_drops_what_was_queued():
     assert sock.closed == [(4403, "no longer a partner")]
     await until(lambda: not writers())
     assert b"queued" not in sock.sent and b"after" not in sock.sent
+
+
+async def test_frames_written_at_once_never_pass_one_waiting_to_be_written():
+    """The socket paused: a frame waits in the writer; it resumes, and a frame pushed before
+    the writer ran again must still go out after the waiting one."""
+    sock = FakeSocket()
+    conn = sock.connection(direct=True)
+    conn.open([])
+    conn.push(b"1")  # the socket takes it at once
+    sock.gate.clear()
+    conn.push(b"2")  # refused at once: queued, and its writer waits on the socket
+    await until(lambda: writers() and not conn._queue)  # popped, waiting to be written
+    sock.gate.set()  # writable again, the writer not yet run
+    conn.push(b"3")
+    await until(lambda: not writers())
+    assert sock.sent == [b"1", b"2", b"3"]

@@ -247,6 +247,15 @@ async def test_a_message_over_the_limit_in_fragments_is_closed_with_1009(server)
     assert await raw.close_code() == 1009
 
 
+async def test_a_message_in_endless_empty_pieces_is_closed_with_1009(server):
+    _, port = server
+    raw = await Raw.open(port)
+    raw.frame(0x1, b"x", fin=False)
+    for _ in range(1100):  # over the 1,024 pieces a message may come in; no byte added
+        raw.frame(0x0, b"", fin=False)
+    assert await raw.close_code() == 1009
+
+
 async def test_the_app_closing_sends_its_code_and_reason(server):
     _, port = server
     raw = await Raw.open(port, "/bye")
