@@ -432,7 +432,7 @@ class Gateway:
     async def _read(self, ws: WebSocket, conn: Connection, caller) -> int:
         limit = self._settings.ws_max_frame
         while True:
-            # No idle timeout of our own: uvicorn's pings find dead peers (WS_PING_INTERVAL).
+            # No idle timeout of our own: the server's pings find dead peers (WS_PING_INTERVAL).
             message = await ws.receive()
             if message["type"] == "websocket.disconnect":
                 return message.get("code", 1000)
