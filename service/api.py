@@ -6,6 +6,7 @@
 | errors.Unauthenticated   | 401    |
 | errors.Forbidden         | 403    |
 | errors.NotFound          | 404    |
+| errors.Gone              | 410    |
 | body over 16 KiB         | 413    |
 | errors.Invalid, bad field| 422    |
 | errors.RateLimited       | 429 with Retry-After |
@@ -38,6 +39,8 @@ from .schemas import (
     AcknowledgeBody,
     AcknowledgeResult,
     ErrorBody,
+    EventPage,
+    EventsQuery,
     GenerateMessageBody,
     Gesture,
     GestureList,
@@ -69,6 +72,7 @@ _STATUS: dict[type[errors.ServiceError], int] = {
     errors.Unauthenticated: 401,
     errors.Forbidden: 403,
     errors.NotFound: 404,
+    errors.Gone: 410,
     errors.RateLimited: 429,
     errors.Unavailable: 503,
 }
@@ -205,6 +209,12 @@ async def put_relationship(request: Request, g: Gestures) -> Response:
     body: RelationshipBody = await _body(request, relationship_body_decoder)
     found = await g.put_relationship(caller, relationship_id, body.partner_a_id, body.partner_b_id)
     return json(found)
+
+
+async def events(request: Request, g: Gestures) -> Response:
+    caller = _caller(request)
+    query: EventsQuery = _query(request, EventsQuery)
+    return json(await g.events(caller, query.since, query.after, query.limit))
 
 
 async def healthz(request: Request, g: Gestures) -> Response:
@@ -349,6 +359,16 @@ ENDPOINTS = (
     ),
     Endpoint(
         "GET",
+        "/api/events",
+        events,
+        "The event log, a page at a time, for other services (service token only)",
+        EventPage,
+        query=EventsQuery,
+        errors=(401, 403, 410, 422, 503),
+        operation_id="events",
+    ),
+    Endpoint(
+        "GET",
         "/healthz",
         healthz,
         "Liveness",
@@ -427,6 +447,7 @@ _ERROR_TEXT = {
     401: "Missing, malformed or expired token",
     403: "Not a partner of this relationship, or acting as the other partner",
     404: "No such gesture (or not yours)",
+    410: "Events past their retention (the oldest kept time is in detail)",
     413: "Body over 16 KiB",
     422: "A field is invalid; `detail` names it",
     405: "Method not served on this path; see Allow",

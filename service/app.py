@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import uuid
 from collections.abc import AsyncIterator
 
@@ -20,7 +21,7 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.websockets import WebSocket
 
-from . import api, bus, config, heap, logs, metrics, store
+from . import __version__, api, bus, config, heap, logs, metrics, store
 from .auth import Verifier
 from .bus import Publisher
 from .gateway import Gateway
@@ -99,13 +100,21 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         cluster=settings.redis_cluster,
         max_connections=settings.redis_max_connections,
     )
+    hub = Hub()
     publisher = Publisher(
         redis,
         pool,
+        channel_prefix=settings.channel_prefix,
+        event_streams=settings.event_streams,
+        stream_retention=settings.event_stream_retention,
         relay_interval=settings.relay_interval,
-        relay_min_age=settings.relay_min_age,
+        node_ttl=settings.node_ttl,
         idempotency_hours=settings.idempotency_hours,
+        log_retention_days=settings.event_log_retention_days,
+        identity=(socket.gethostname(), settings.port, __version__),
+        sockets=lambda: len(hub),
     )
+    await publisher.register()
     presence = Presence(
         redis,
         prefix=settings.presence_prefix,
@@ -145,7 +154,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         settings,
         gestures,
         presence,
-        Hub(),
+        hub,
         lambda on_message, on_resubscribed: bus.subscriber(
             redis,
             settings.redis_url,
@@ -195,7 +204,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         metrics.DB_POOL_MAX.set(most)
         try:
             async with asyncio.timeout(1.0), store.connection(pool, 1.0) as conn:
-                waiting, oldest = await store.outbox_backlog(conn)
+                waiting, oldest = await store.outbox_backlog(conn, 2 * settings.relay_interval + 1)
         except Exception:
             waiting = oldest = float("nan")  # unknown, rather than a stale figure
         metrics.OUTBOX_WAITING.set(waiting)

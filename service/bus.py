@@ -33,11 +33,13 @@ nobody re-reads) and has no hook for a resync; hence the plain connections here.
 
 import asyncio
 import logging
+import os
 import random
 import time
 import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -160,28 +162,86 @@ def control_channel(presence_prefix: str) -> str:
     return f"{presence_prefix}control"
 
 
+def stream_key(prefix: str, partition: int) -> str:
+    """The stream of a partition: braces literal, so each partition is one hash slot."""
+    return f"{prefix}stream:{{{partition}}}"
+
+
+def partition_of(relationship_id: uuid.UUID, partitions: int) -> int:
+    return relationship_id.int % partitions
+
+
 class Publisher:
-    """Publishes committed outbox rows, deletes what Redis took, and relays the rest."""
+    """Puts this process's committed events on Redis, and takes over those of dead processes.
+
+    Every event row goes out in one pipeline: PUBLISH (SPUBLISH on a cluster) on its channel,
+    then, for a relationship's event, XADD to its partition's stream, trimmed by age with
+    MINID. A row is done when Redis took both. Nothing is deleted: the rows stay in the log
+    for `GET /api/events` until their day's partition is emptied. What marks progress is the
+    node's beat in `gesture_nodes`: `published_through` says that every row this process
+    wrote in a transaction begun before it reached Redis.
+
+    * Redis refused a batch: the rows are not kept in memory. The earliest `created_at` among
+      them is remembered, `published_through` stops there, and the relay reads this node's
+      rows from that time on from PostgreSQL and publishes them once Redis answers again
+      (some twice: consumers dedupe by `event_id`).
+    * The process died: its beat stops; after `node_ttl` seconds a survivor claims the node
+      and publishes its rows from `published_through` less `TAKEOVER_MARGIN` (transactions
+      in flight when it beat last), then deletes the node.
+    """
+
+    # Transactions that began before a node's last beat and committed after it: none of
+    # this service's lasts this long (statements time out after DB_TIMEOUT).
+    TAKEOVER_MARGIN = timedelta(seconds=60)
 
     def __init__(
         self,
         redis: Client,
         pool: store.Pool,
         *,
+        channel_prefix: str,
+        event_streams: int,
+        stream_retention: int,
         relay_interval: float,
-        relay_min_age: float,
+        node_ttl: float,
         idempotency_hours: int,
+        log_retention_days: int,
+        identity: tuple[str, int | None, str] = ("", None, ""),
+        sockets: Callable[[], int] = lambda: 0,
     ) -> None:
         self._redis = redis
         self._sharded = isinstance(redis, aioredis.RedisCluster)
         self._pool = pool
+        self._stream_prefix = channel_prefix
+        self._partitions = event_streams
+        self._stream_retention_ms = stream_retention * 1000
         self._relay_interval = relay_interval
-        self._relay_min_age = relay_min_age
+        self._node_ttl = node_ttl
         self._idempotency_hours = idempotency_hours
+        self._log_retention_days = log_retention_days
+        self._identity = identity
+        self._sockets = sockets
         self._queue: list[store.OutboxRow] = []
         self._ready = asyncio.Event()
-        self._published: list[int] = []
+        # Rows handed over and not yet on Redis: their earliest created_at bounds the beat.
+        self._sending: dict[int, datetime] = {}
+        self._batch = 0
+        # The earliest created_at of a row Redis refused, until the replay has sent it.
+        self._replay_since: datetime | None = None
+        self._refusals = 0
+        self.node = 0
         self.redis_ok = True
+
+    async def register(self) -> int:
+        """Announce this process in `gesture_nodes`; returns its node id (call before any
+        event is written: rows carry it)."""
+        host, port, version = self._identity
+        async with store.connection(self._pool) as conn:
+            self.node = await store.register_node(conn, host, port, os.getpid(), version)
+        return self.node
+
+    def stream(self, relationship_id: uuid.UUID) -> str:
+        return stream_key(self._stream_prefix, partition_of(relationship_id, self._partitions))
 
     def publish(self, rows: Iterable[store.OutboxRow]) -> None:
         """Queue committed rows for publishing; never blocks, never raises."""
@@ -191,8 +251,8 @@ class Publisher:
     async def publish_now(self, rows: Sequence[store.OutboxRow]) -> bool:
         """Publish committed rows and wait until Redis took them, for a change whose caller
         is answered only once every subscriber can have heard of it. False when Redis did
-        not take them: the rows stay in the outbox and the relay publishes them later."""
-        return await self._send(rows)
+        not take them: the relay publishes them later."""
+        return await self._send_tracked(rows)
 
     async def run(self) -> None:
         async with asyncio.TaskGroup() as group:
@@ -200,11 +260,19 @@ class Publisher:
             group.create_task(self._relay_loop())
 
     async def flush(self) -> None:
-        """Publish what is queued and delete what was published (used at shutdown)."""
+        """Publish what is queued; with nothing left behind, leave `gesture_nodes` (used at
+        shutdown). Otherwise the node stays, and a survivor publishes the rest."""
         if self._queue:
             rows, self._queue = self._queue, []
-            await self._send(rows)
-        await self._delete_published()
+            await self._send_tracked(rows)
+        try:
+            async with store.connection(self._pool) as conn:
+                if self._replay_since is None and not self._sending:
+                    await store.forget_node(conn, self.node)
+                else:
+                    await store.beat(conn, self.node, 0, self._published_through())
+        except Exception as exc:
+            log.warning("could not record the node's last beat", extra={"error": repr(exc)})
 
     async def _publish_loop(self) -> None:
         while True:
@@ -213,9 +281,33 @@ class Publisher:
             self._ready.clear()
             rows, self._queue = self._queue, []
             if rows:
-                await self._send(rows)
+                await self._send_tracked(rows)
 
-    async def _send(self, rows: Sequence[store.OutboxRow], *, record: bool = True) -> bool:
+    async def _send_tracked(self, rows: Sequence[store.OutboxRow]) -> bool:
+        """Send rows of this node; a refusal leaves them to the replay."""
+        if not rows:
+            return True
+        self._batch += 1
+        batch = self._batch
+        self._sending[batch] = min(row.created_at for row in rows)
+        try:
+            if await self._send(rows):
+                return True
+            self._refused(rows)
+            return False
+        finally:
+            del self._sending[batch]
+
+    def _refused(self, rows: Sequence[store.OutboxRow]) -> None:
+        earliest = min(row.created_at for row in rows)
+        if self._replay_since is None or earliest < self._replay_since:
+            self._replay_since = earliest
+        self._refusals += 1
+
+    async def _send(self, rows: Sequence[store.OutboxRow]) -> bool:
+        if not rows:
+            return True
+        minid = int(time.time() * 1000) - self._stream_retention_ms
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row in rows:
@@ -223,6 +315,13 @@ class Publisher:
                         pipe.spublish(row.channel, row.payload)
                     else:
                         pipe.publish(row.channel, row.payload)
+                    if row.relationship_id is not None:
+                        pipe.xadd(
+                            self.stream(row.relationship_id),
+                            {"event": row.payload},
+                            minid=minid,
+                            approximate=True,
+                        )
                 await pipe.execute()
         except REDIS_ERRORS as exc:
             if self.redis_ok:
@@ -230,20 +329,14 @@ class Publisher:
             self.redis_ok = False
             return False
         self.redis_ok = True
-        if record:
-            self._published.extend(row.id for row in rows)
         return True
 
-    async def _delete_published(self) -> None:
-        if not self._published:
-            return
-        ids, self._published = self._published, []
-        try:
-            async with store.connection(self._pool) as conn:
-                await store.delete_outbox(conn, ids)
-        except Exception:
-            # Not deleted means published again by the relay later: a duplicate, not a loss.
-            log.warning("could not delete published outbox rows", extra={"count": len(ids)})
+    def _published_through(self) -> datetime | None:
+        """The beat's mark: the earliest row not known to be on Redis; None: now."""
+        held = [*self._sending.values(), *(row.created_at for row in self._queue)]
+        if self._replay_since is not None:
+            held.append(self._replay_since)
+        return min(held) if held else None
 
     async def _relay_loop(self) -> None:
         last_cleanup = 0.0
@@ -251,25 +344,75 @@ class Publisher:
             _stop_if_cancelled()
             await asyncio.sleep(self._relay_interval)
             try:
-                await self._delete_published()
-                await self._relay_once()
+                await self._beat()
+                if self._replay_since is not None:
+                    await self._replay()
+                await self._take_over()
                 if time.monotonic() - last_cleanup > 300:
                     last_cleanup = time.monotonic()
-                    async with store.connection(self._pool) as conn:
-                        await store.forget_idempotency_keys(conn, self._idempotency_hours)
-                        await store.forget_suggestions(conn)
+                    await self._clean_up()
             except Exception as exc:
                 log.warning("outbox relay pass failed", extra={"error": repr(exc)})
 
-    async def _relay_once(self) -> None:
-        """Publish rows left behind, in batches, deleting each batch once Redis took it."""
+    async def _beat(self) -> None:
+        through = self._published_through()
+        async with store.connection(self._pool) as conn:
+            if not await store.beat(conn, self.node, self._sockets(), through):
+                # Taken over while this process could not beat: its rows were published
+                # by the survivor up to now, and the node comes back under the same id.
+                host, port, version = self._identity
+                log.warning("node was taken over; registering again", extra={"node": self.node})
+                await store.reregister_node(
+                    conn, self.node, host, port, os.getpid(), version, through or _now()
+                )
+
+    async def _replay(self) -> None:
+        """Publish this node's rows from the earliest refused one on, in log order."""
+        refusals = self._refusals
+        since = self._replay_since
+        assert since is not None
+        if await self._publish_rows_of(self.node, since):
+            if refusals == self._refusals:  # nothing refused meanwhile
+                self._replay_since = None
+            log.info("outbox replayed after Redis came back", extra={"node": self.node})
+
+    async def _take_over(self) -> None:
+        """Publish the rows of nodes whose beat stopped, one node a pass."""
+        async with store.connection(self._pool) as conn:
+            claimed = await store.claim_dead_node(conn, self._node_ttl, 4 * self._node_ttl)
+        if claimed is None:
+            return
+        node, through = claimed
+        log.warning("taking over a dead node's events", extra={"dead_node": node})
+        if await self._publish_rows_of(node, through - self.TAKEOVER_MARGIN):
+            async with store.connection(self._pool) as conn:
+                await store.forget_node(conn, node)
+
+    async def _publish_rows_of(self, node: int, since: datetime) -> bool:
+        after = None
+        sent = 0
         while True:
-            async with store.transaction(self._pool) as conn:
-                rows = await store.take_outbox(conn, self._relay_min_age, 500)
-                if not rows or not await self._send(rows, record=False):
-                    return
-                await store.delete_outbox(conn, [row.id for row in rows])
-            log.info("relayed outbox events", extra={"count": len(rows)})
+            async with store.connection(self._pool) as conn:
+                rows, after = await store.node_events(conn, node, since, after, 500)
+            if not rows:
+                if sent:
+                    log.info("relayed outbox events", extra={"node": node, "count": sent})
+                return True
+            if not await self._send(rows):
+                return False
+            sent += len(rows)
+
+    async def _clean_up(self) -> None:
+        async with store.connection(self._pool) as conn:
+            await store.forget_idempotency_keys(conn, self._idempotency_hours)
+            await store.forget_suggestions(conn)
+            emptied = await store.truncate_old_events(conn, self._log_retention_days)
+        if emptied:
+            log.info("event log partitions emptied", extra={"slots": emptied})
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
 
 
 def _stop_if_cancelled() -> None:

@@ -9,6 +9,9 @@ from collections.abc import Mapping
 
 import msgspec
 
+# The event log has 32 day partitions (sql/014_event_log.sql).
+MAX_LOG_RETENTION_DAYS = 30
+
 
 class ConfigError(Exception):
     """A variable is missing or malformed; the message names it."""
@@ -53,9 +56,15 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # (0: CPython's own collector, untouched), a full collection once a GC_SWEEP_INTERVAL.
     gc_freeze_interval: float = 1.0
     gc_sweep_interval: float = 3600.0
-    # Outbox relay: how often, and how old a row must be before the relay takes it.
+    # The event log (service.bus): each process beats and re-publishes what Redis missed
+    # every RELAY_INTERVAL s; a process whose beat is NODE_TTL s old is taken over.
     relay_interval: float = 1.0
-    relay_min_age: float = 2.0
+    node_ttl: float = 15.0
+    # Event streams: EVENT_STREAMS partitions, entries kept EVENT_STREAM_RETENTION s; the
+    # log in PostgreSQL keeps events EVENT_LOG_RETENTION_DAYS days (1 to 30).
+    event_streams: int = 16
+    event_stream_retention: int = 86400
+    event_log_retention_days: int = 7
     # Suggested notes: a per-sender limit, and the optional OpenAI-compatible provider
     # (unset URL: the built-in composer answers, with no network at all).
     suggestion_rate_limit_per_minute: int = 20
@@ -113,7 +122,10 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "GC_FREEZE_INTERVAL": ("gc_freeze_interval", float),
     "GC_SWEEP_INTERVAL": ("gc_sweep_interval", float),
     "RELAY_INTERVAL": ("relay_interval", float),
-    "RELAY_MIN_AGE": ("relay_min_age", float),
+    "NODE_TTL": ("node_ttl", float),
+    "EVENT_STREAMS": ("event_streams", int),
+    "EVENT_STREAM_RETENTION": ("event_stream_retention", int),
+    "EVENT_LOG_RETENTION_DAYS": ("event_log_retention_days", int),
     "SUGGESTION_RATE_LIMIT_PER_MINUTE": ("suggestion_rate_limit_per_minute", int),
     "SUGGESTION_PROVIDER_URL": ("suggestion_provider_url", str),
     "SUGGESTION_PROVIDER_MODEL": ("suggestion_provider_model", str),
@@ -156,6 +168,13 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
                 "SUGGESTION_PROVIDER_URL is set, e.g. gpt-4o-mini"
             )
     settings = Settings(**values)
+    if settings.event_log_retention_days > MAX_LOG_RETENTION_DAYS:
+        # The log's 32 day partitions are reused in turn: today's, tomorrow's and the
+        # retained days must all have one of their own.
+        raise ConfigError(
+            f"EVENT_LOG_RETENTION_DAYS must be at most {MAX_LOG_RETENTION_DAYS}, "
+            f"got {settings.event_log_retention_days}"
+        )
     if settings.channel_prefix.startswith(settings.presence_prefix):
         # The gateway reads a channel under PRESENCE_PREFIX as presence: every event would
         # be taken for one, fail to decode, and be dropped.

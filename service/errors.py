@@ -39,6 +39,12 @@ class NotFound(ServiceError):
     code = "not_found"
 
 
+class Gone(ServiceError):
+    """What was asked for existed but is no longer kept (events past their retention)."""
+
+    code = "gone"
+
+
 class RateLimited(ServiceError):
     """Too many requests; `retry_after` is in whole seconds."""
 

@@ -29,11 +29,13 @@ import functools
 import json
 import logging
 import math
+import re
 import time
 import uuid
 import zoneinfo
-from datetime import UTC, datetime, tzinfo
+from datetime import UTC, datetime, timedelta, tzinfo
 
+import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
@@ -44,6 +46,7 @@ from .config import Settings
 from .presence import Presence
 from .schemas import (
     AcknowledgeResult,
+    EventPage,
     Gesture,
     GestureAcknowledged,
     GestureDelivered,
@@ -154,6 +157,11 @@ class Gestures:
             group.create_task(self._sends.run())
             group.create_task(self._delivery_loop())
 
+    @property
+    def _node(self) -> int:
+        """The node id this process's event rows carry (`Publisher.register`)."""
+        return self._publisher.node
+
     def channel(self, relationship_id: uuid.UUID) -> str:
         return channel_for(self._settings.channel_prefix, relationship_id)
 
@@ -219,8 +227,8 @@ class Gestures:
         async with store.transaction(self._pool, self._timeout) as conn:
             found = await store.put_relationship(conn, relationship_id, a, b)
             change = encoder.encode(RelationshipChanged(relationship=found))
-            rows = await store.add_outbox(
-                conn, [(control_channel(self._settings.presence_prefix), change)]
+            rows = await store.add_events(
+                conn, [(control_channel(self._settings.presence_prefix), change, None)], self._node
             )
         self.relationship_changed(found)
         # Answered only once Redis took it: an event published after this answer reaches
@@ -432,21 +440,22 @@ class Gestures:
     async def _insert(self, conn: store.Connection, items: list[_SendItem]) -> list[_Sent]:
         gestures = [item.new.gesture() for item in items]
         events = [self._sent_event(g) for g in gestures]
-        rows = await store.insert_sent(conn, [item.new for item in items], events)
+        rows = await store.insert_sent(conn, [item.new for item in items], events, self._node)
         by_payload = {row.payload: row for row in rows}  # each payload has its own event_id
         return [
             _Sent(g, True, [by_payload[payload]])
-            for g, (_, payload) in zip(gestures, events, strict=True)
+            for g, (_, payload, _) in zip(gestures, events, strict=True)
         ]
 
     def _publish_sends(self, outcomes: list[_Sent | errors.ServiceError]) -> None:
         self._publisher.publish(row for o in outcomes if isinstance(o, _Sent) for row in o.outbox)
 
-    def _sent_event(self, gesture: Gesture) -> tuple[str, bytes]:
+    def _sent_event(self, gesture: Gesture) -> store.EventRow:
         return self._event_row(GestureSent, gesture, gesture.sent_at)
 
-    def _event_row(self, kind: type, gesture: Gesture, at, **extra) -> tuple[str, bytes]:
-        """(channel, payload) of an event announcing `gesture` after a change at `at`."""
+    def _event_row(self, kind: type, gesture: Gesture, at, **extra) -> store.EventRow:
+        """(channel, payload, relationship) of an event announcing `gesture` after a change
+        at `at`."""
         event = kind(
             event_id=uuid.uuid4(),
             occurred_at=at,
@@ -454,7 +463,8 @@ class Gestures:
             gesture=gesture,
             **extra,
         )
-        return self.channel(gesture.relationship_id), encoder.encode(event)
+        rel = gesture.relationship_id
+        return self.channel(rel), encoder.encode(event), rel
 
     # ------------------------------------------------------------------ suggestions
 
@@ -597,7 +607,7 @@ class Gestures:
             )
             if response is not None:
                 events.append(self._sent_event(response))
-            rows = await store.add_outbox(conn, events)
+            rows = await store.add_events(conn, events, self._node)
         self._publisher.publish(rows)
         return AcknowledgeResult(acknowledged=True, response_gesture=response)
 
@@ -648,6 +658,41 @@ class Gestures:
             responses = await store.get_gestures(conn, wanted) if wanted else {}
         return gestures, responses
 
+    # ------------------------------------------------------------------ the event log
+
+    async def events(
+        self, caller: Caller, since: datetime | None, after: str | None, limit: int
+    ) -> EventPage:
+        """A page of the event log for another service (`GET /api/events`): from the cursor
+        `after`, else from the events of transactions begun at `since` or later (less
+        `EVENT_START_MARGIN`, for transactions that began before `since` and committed
+        after it), else from the oldest kept."""
+        if not caller.is_service:
+            raise errors.Forbidden("only a service token may read the event log")
+        retention = timedelta(days=self._settings.event_log_retention_days)
+        async with store.connection(self._pool, self._timeout) as conn:
+            horizon = await store.event_horizon(conn)
+            oldest = datetime.now(UTC) - retention
+            if horizon is not None and horizon.retained_from > oldest:
+                oldest = horizon.retained_from
+            if after is not None:
+                cursor = _decode_event_cursor(after)
+                if horizon is not None and _at_or_below(cursor, horizon):
+                    raise errors.Gone(
+                        f"after: events before {oldest.isoformat()} are no longer kept; "
+                        "start again with since"
+                    )
+            elif since is not None:
+                if since < oldest:
+                    raise errors.Gone(
+                        f"since: events before {oldest.isoformat()} are no longer kept"
+                    )
+                cursor = await store.event_start(conn, since - EVENT_START_MARGIN)
+            else:
+                cursor = (0, -1)
+            payloads, cursor = await store.read_events(conn, cursor, limit)
+        return EventPage(events=[msgspec.Raw(p) for p in payloads], next=f"{cursor[0]}.{cursor[1]}")
+
     # ------------------------------------------------------------------ delivery
 
     def delivered(self, gesture_id: uuid.UUID) -> None:
@@ -681,10 +726,28 @@ class Gestures:
     async def _mark(self, ids: list[uuid.UUID]) -> None:
         async with store.transaction(self._pool, self._timeout) as conn:
             marked = await store.mark_delivered(conn, ids)
-            rows = await store.add_outbox(
-                conn, [self._event_row(GestureDelivered, g, g.delivered_at) for g in marked]
+            rows = await store.add_events(
+                conn,
+                [self._event_row(GestureDelivered, g, g.delivered_at) for g in marked],
+                self._node,
             )
         self._publisher.publish(rows)
+
+
+# A transaction that began this long before `since` and committed after it is still found.
+EVENT_START_MARGIN = timedelta(seconds=60)
+_EVENT_CURSOR = re.compile(r"^(\d{1,20})\.(-1|\d{1,19})$")
+
+
+def _decode_event_cursor(cursor: str) -> tuple[int, int]:
+    found = _EVENT_CURSOR.match(cursor)
+    if found is None or int(found.group(1)) >= 2**63:
+        raise errors.Invalid("after: not a cursor from a previous page's next")
+    return int(found.group(1)), int(found.group(2))
+
+
+def _at_or_below(cursor: tuple[int, int], horizon: store.Horizon) -> bool:
+    return cursor <= (horizon.txid, horizon.id)
 
 
 def _zone(name: str | None) -> tzinfo:

@@ -119,6 +119,20 @@ TimeZone = Annotated[
 ]
 
 
+class EventsQuery(Struct, frozen=True, kw_only=True):
+    since: Annotated[datetime, Meta(tz=True)] | None = None
+    after: Annotated[str, Meta(max_length=64)] | None = None
+    limit: Annotated[int, Meta(ge=1, le=1000)] = 500
+
+
+class EventPage(Struct, kw_only=True):
+    """Events of the log, in log order (each the JSON of section 6 of the contract, as it
+    went to the channels and streams), and the cursor to go on from."""
+
+    events: list[msgspec.Raw]
+    next: str
+
+
 class GenerateMessageBody(Struct, frozen=True, kw_only=True):
     relationship_id: uuid.UUID
     sender_id: Role

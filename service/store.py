@@ -21,7 +21,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NamedTuple, TypeVar
 
 import asyncpg
 import msgspec
@@ -227,12 +227,31 @@ async def missing_migrations(conn: Connection) -> list[str]:
 
 
 class OutboxRow:
-    __slots__ = ("channel", "id", "payload")
+    """An event row of the log, as the publisher needs it: where it goes (the channel, and
+    the stream of its relationship; none for control events) and when its transaction
+    began (`created_at`, the database's `now()`)."""
 
-    def __init__(self, id: int, channel: str, payload: bytes) -> None:
-        self.id = id
+    __slots__ = ("channel", "created_at", "payload", "relationship_id")
+
+    def __init__(
+        self,
+        channel: str,
+        payload: bytes,
+        relationship_id: uuid.UUID | None,
+        created_at: datetime,
+    ) -> None:
         self.channel = channel
         self.payload = payload
+        self.relationship_id = relationship_id
+        self.created_at = created_at
+
+
+# (channel, payload, relationship id or None): an event to write with a change.
+EventRow = tuple[str, bytes, uuid.UUID | None]
+
+
+def _outbox_row(r: asyncpg.Record) -> OutboxRow:
+    return OutboxRow(r["channel"], r["payload"], r["relationship_id"], r["created_at"])
 
 
 # ---------------------------------------------------------------------------- relationships
@@ -363,24 +382,21 @@ def _relationship_must_exist():
 
 
 async def insert_sent(
-    conn: Connection, new: Sequence[NewGesture], events: Sequence[tuple[str, bytes]]
+    conn: Connection, new: Sequence[NewGesture], events: Sequence[EventRow], node: int
 ) -> list[OutboxRow]:
-    """Insert gestures and their outbox events in one statement: one round trip, atomic
-    without a transaction (data-modifying WITH clauses run to completion, all or nothing)."""
+    """Insert gestures and their events in one statement: one round trip, atomic without a
+    transaction (data-modifying WITH clauses run to completion, all or nothing)."""
     with _relationship_must_exist():
         rows = await conn.fetch(
             f"""WITH g AS (
             INSERT INTO connection_gestures {_INSERT_COLUMNS}
             {_INSERT_ROWS}
             RETURNING id)
-        INSERT INTO gesture_outbox (channel, payload)
-        SELECT channel, payload FROM unnest($9::text[], $10::bytea[]) AS e(channel, payload)
-        RETURNING id, channel, payload""",
+        {_insert_events(9)}""",
             *_columns(new),
-            [c for c, _ in events],
-            [p for _, p in events],
+            *_event_columns(events, node),
         )
-    return [OutboxRow(r["id"], r["channel"], r["payload"]) for r in rows]
+    return [_outbox_row(r) for r in rows]
 
 
 async def insert_gestures(conn: Connection, new: Sequence[NewGesture]) -> list[Gesture]:
@@ -800,46 +816,259 @@ async def streak_days(conn: Connection, relationship_id: uuid.UUID) -> int:
     return await conn.fetchval(STREAK_SQL, relationship_id)
 
 
-# ---------------------------------------------------------------------------- outbox
+# ---------------------------------------------------------------------------- event log
 
 
-async def add_outbox(conn: Connection, events: Sequence[tuple[str, bytes]]) -> list[OutboxRow]:
+def _insert_events(first: int) -> str:
+    """INSERT of events from four parameters numbered from `first`: the node, then arrays of
+    channels, payloads and relationship ids."""
+    node, channels, payloads, rels = (f"${first + i}" for i in range(4))
+    return f"""INSERT INTO gesture_events (node, channel, payload, relationship_id)
+    SELECT {node}, e_channel, e_payload, e_rel
+    FROM unnest({channels}::text[], {payloads}::bytea[], {rels}::uuid[])
+        AS e(e_channel, e_payload, e_rel)
+    RETURNING channel, payload, relationship_id, created_at"""
+
+
+def _event_columns(events: Sequence[EventRow], node: int) -> list:
+    return [node, [e[0] for e in events], [e[1] for e in events], [e[2] for e in events]]
+
+
+_ADD_EVENTS = _insert_events(1)
+
+
+async def add_events(conn: Connection, events: Sequence[EventRow], node: int) -> list[OutboxRow]:
+    """Write events to the log, in the caller's transaction."""
     if not events:
         return []
-    rows = await conn.fetch(
-        """INSERT INTO gesture_outbox (channel, payload)
-        SELECT channel, payload FROM unnest($1::text[], $2::bytea[]) AS t(channel, payload)
-        RETURNING id""",
-        [c for c, _ in events],
-        [p for _, p in events],
-    )
-    return [OutboxRow(r["id"], c, p) for r, (c, p) in zip(rows, events, strict=True)]
+    return [_outbox_row(r) for r in await conn.fetch(_ADD_EVENTS, *_event_columns(events, node))]
 
 
-async def take_outbox(conn: Connection, min_age: float, limit: int) -> list[OutboxRow]:
-    """Rows older than `min_age` seconds, locked for this transaction, oldest first."""
+async def node_events(
+    conn: Connection, node: int, since: datetime, after: tuple[int, int] | None, limit: int
+) -> tuple[list[OutboxRow], tuple[int, int] | None]:
+    """The rows `node` wrote in transactions that began at `since` or later, in log order,
+    from after `after`; and the cursor to go on from (None when there were none)."""
     rows = await conn.fetch(
-        """SELECT id, channel, payload FROM gesture_outbox
-        WHERE created_at < now() - make_interval(secs => $1)
-        ORDER BY id LIMIT $2 FOR UPDATE SKIP LOCKED""",
-        min_age,
+        """SELECT txid, id, channel, payload, relationship_id, created_at
+        FROM gesture_events
+        WHERE node = $1 AND created_at >= $2 AND (txid, id) > ($3::xid8, $4)
+        ORDER BY txid, id LIMIT $5""",
+        node,
+        since,
+        *(after or (0, -1)),
         limit,
     )
-    return [OutboxRow(r["id"], r["channel"], bytes(r["payload"])) for r in rows]
+    if not rows:
+        return [], None
+    return [_outbox_row(r) for r in rows], (rows[-1]["txid"], rows[-1]["id"])
 
 
-async def delete_outbox(conn: Connection, ids: Sequence[int]) -> None:
-    await conn.execute("DELETE FROM gesture_outbox WHERE id = any($1::bigint[])", ids)
+class Horizon(NamedTuple):
+    """What the log no longer holds: cursors at or below (txid, id) lost events, and
+    `retained_from` is the oldest time still kept."""
+
+    txid: int
+    id: int
+    retained_from: datetime
 
 
-async def outbox_backlog(conn: Connection) -> tuple[int, float]:
-    """Rows in the outbox, and the age in seconds of the oldest (0 when empty)."""
+async def event_horizon(conn: Connection) -> Horizon | None:
     row = await conn.fetchrow(
-        """SELECT count(*) AS n,
-        coalesce(extract(epoch FROM now() - min(created_at)), 0)::float8 AS oldest
-        FROM gesture_outbox"""
+        "SELECT dropped_txid, dropped_id, retained_from FROM gesture_event_horizon"
     )
-    return row["n"], row["oldest"]
+    return None if row is None else Horizon(row["txid"], row["dropped_id"], row["retained_from"])
+
+
+async def event_start(conn: Connection, since: datetime) -> tuple[int, int]:
+    """A cursor from which reading yields every event whose transaction began at `since` or
+    later (and some older ones): just before the lowest transaction id among them, or, none
+    yet, before every transaction still to end or to come."""
+    txid = await conn.fetchval(
+        """SELECT coalesce(
+            (SELECT min(txid) FROM gesture_events WHERE created_at >= $1),
+            pg_snapshot_xmin(pg_current_snapshot()))""",
+        since,
+    )
+    return txid, -1
+
+
+async def read_events(
+    conn: Connection, after: tuple[int, int], limit: int
+) -> tuple[list[bytes], tuple[int, int]]:
+    """Up to `limit` events after the cursor `after`, in log order, and the cursor after the
+    last one. Only transactions that have ended are read (below the oldest one still in
+    progress), so a transaction that commits later cannot fall behind the cursor."""
+    rows = await conn.fetch(
+        """SELECT txid, id, payload FROM gesture_events
+        WHERE (txid, id) > ($1::xid8, $2)
+            AND txid < pg_snapshot_xmin(pg_current_snapshot())
+            AND relationship_id IS NOT NULL
+        ORDER BY txid, id LIMIT $3""",
+        *after,
+        limit,
+    )
+    if not rows:
+        return [], after
+    return [r["payload"] for r in rows], (rows[-1]["txid"], rows[-1]["id"])
+
+
+async def truncate_old_events(conn: Connection, retention_days: int) -> list[int]:
+    """Empty the day partitions that hold only days older than the retention, recording in
+    the horizon what they held; returns the slots emptied. Waits for no lock: a slot that a
+    reader holds is left for the next pass."""
+    keep = await conn.fetch(
+        """SELECT DISTINCT ((floor(extract(epoch FROM now()) / 86400))::bigint + d) % 32 AS slot
+        FROM generate_series(-$1::int, 1) AS d""",
+        retention_days,
+    )
+    kept = {r["slot"] for r in keep}
+    emptied = []
+    for slot in sorted(set(range(32)) - kept):
+        table = f"gesture_events_{slot:02d}"
+        async with conn.transaction():
+            await conn.execute("SET LOCAL lock_timeout = '2s'")
+            last = await conn.fetchrow(
+                f"""SELECT txid, id FROM {table}
+                ORDER BY txid DESC, id DESC LIMIT 1"""
+            )
+            if last is None:
+                continue
+            await conn.execute(f"TRUNCATE {table}")
+            await conn.execute(
+                """INSERT INTO gesture_event_horizon (dropped_txid, dropped_id, retained_from)
+                VALUES ($1::xid8, $2,
+                    to_timestamp(((floor(extract(epoch FROM now()) / 86400))::bigint
+                        - $3) * 86400))
+                ON CONFLICT (only_row) DO UPDATE SET
+                    (dropped_txid, dropped_id) = (SELECT * FROM (VALUES
+                        (EXCLUDED.dropped_txid, EXCLUDED.dropped_id),
+                        (gesture_event_horizon.dropped_txid, gesture_event_horizon.dropped_id))
+                        AS v(t, i) ORDER BY t DESC, i DESC LIMIT 1),
+                    retained_from = greatest(gesture_event_horizon.retained_from,
+                        EXCLUDED.retained_from)""",
+                last["txid"],
+                last["id"],
+                retention_days,
+            )
+            emptied.append(slot)
+    return emptied
+
+
+# ---------------------------------------------------------------------------- nodes
+
+
+class Node(NamedTuple):
+    node: int
+    host: str
+    port: int | None
+    pid: int | None
+    version: str
+    started_at: datetime
+    seen_at: datetime
+    published_through: datetime
+    sockets: int
+    alive: bool
+
+
+async def register_node(
+    conn: Connection, host: str, port: int | None, pid: int, version: str
+) -> int:
+    return await conn.fetchval(
+        """INSERT INTO gesture_nodes (host, port, pid, version) VALUES ($1, $2, $3, $4)
+        RETURNING node""",
+        host,
+        port,
+        pid,
+        version,
+    )
+
+
+async def beat(
+    conn: Connection, node: int, sockets: int, published_through: datetime | None
+) -> bool:
+    """Record that `node` lives, holds `sockets` and has published everything of
+    transactions begun before `published_through` (None: before now). False when its row is
+    gone (a survivor took it over while this process could not beat): register again."""
+    status = await conn.execute(
+        """UPDATE gesture_nodes SET seen_at = now(), sockets = $2,
+            published_through = coalesce($3, now())
+        WHERE node = $1""",
+        node,
+        sockets,
+        published_through,
+    )
+    return status != "UPDATE 0"
+
+
+async def reregister_node(
+    conn: Connection,
+    node: int,
+    host: str,
+    port: int | None,
+    pid: int,
+    version: str,
+    published_through: datetime,
+) -> None:
+    await conn.execute(
+        """INSERT INTO gesture_nodes (node, host, port, pid, version, published_through)
+        VALUES ($1, $2, $3, $4, $5, $6) ON CONFLICT (node) DO NOTHING""",
+        node,
+        host,
+        port,
+        pid,
+        version,
+        published_through,
+    )
+
+
+async def claim_dead_node(conn: Connection, ttl: float, hold: float) -> tuple[int, datetime] | None:
+    """Take over one node whose beat is older than `ttl` seconds: its beat is pushed `hold`
+    seconds ahead so no other survivor takes it meanwhile. (node, published_through)."""
+    row = await conn.fetchrow(
+        """UPDATE gesture_nodes SET seen_at = now() + make_interval(secs => $2)
+        WHERE node = (SELECT node FROM gesture_nodes
+            WHERE seen_at < now() - make_interval(secs => $1)
+            ORDER BY node LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING node, published_through""",
+        ttl,
+        hold,
+    )
+    return None if row is None else (row["node"], row["published_through"])
+
+
+async def forget_node(conn: Connection, node: int) -> None:
+    await conn.execute("DELETE FROM gesture_nodes WHERE node = $1", node)
+
+
+async def nodes(conn: Connection, ttl: float) -> list[Node]:
+    rows = await conn.fetch(
+        """SELECT node, host, port, pid, version, started_at, seen_at, published_through,
+            sockets, seen_at >= now() - make_interval(secs => $1) AS alive
+        FROM gesture_nodes ORDER BY node""",
+        ttl,
+    )
+    return [Node(*r.values()) for r in rows]
+
+
+async def outbox_backlog(conn: Connection, grace: float = 5.0) -> tuple[int, float]:
+    """Events that may not have reached Redis yet, and the age in seconds of the oldest (0
+    when none): the rows of every node whose published mark lags its beat by more than
+    `grace` seconds (Redis away, or the node dead and not yet taken over)."""
+    row = await conn.fetchrow(
+        """WITH behind AS (
+            SELECT node, published_through FROM gesture_nodes
+            WHERE published_through < seen_at - make_interval(secs => $1)
+                OR seen_at < now() - make_interval(secs => $1))
+        SELECT
+            (SELECT count(*) FROM gesture_events e JOIN behind b ON e.node = b.node
+                WHERE e.created_at >= b.published_through
+                    AND e.created_at >= (SELECT min(published_through) FROM behind)) AS n,
+            coalesce(extract(epoch FROM now() - (SELECT min(published_through) FROM behind)),
+                0)::float8 AS oldest""",
+        grace,
+    )
+    return row["n"], (row["oldest"] if row["n"] else 0.0)
 
 
 def pool_usage(pool: Pool) -> tuple[int, int, int]:

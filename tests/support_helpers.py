@@ -174,15 +174,18 @@ class Events:
                     return found
 
     async def drain(self, database_url: str, timeout: float = 10.0) -> list[dict]:
-        """Every event published on the channel so far: waits until the outbox holds nothing
-        for the channel, then publishes a marker and reads up to it (Redis delivers one
-        channel's messages in the order it took them)."""
+        """Every event published on the channel so far: waits until no event of the channel
+        is past its node's published mark (every process beats it forward once Redis took
+        its rows), then publishes a marker and reads up to it (Redis delivers one channel's
+        messages in the order it took them)."""
         conn = await asyncpg.connect(database_url)
         try:
 
             async def outbox_empty() -> bool:
                 n = await conn.fetchval(
-                    "SELECT count(*) FROM gesture_outbox WHERE channel = $1", self.channel
+                    """SELECT count(*) FROM gesture_events e JOIN gesture_nodes n USING (node)
+                    WHERE e.channel = $1 AND e.created_at >= n.published_through""",
+                    self.channel,
                 )
                 return n == 0
 

@@ -18,6 +18,7 @@ VERSIONS = [
     "011_connection_gestures",
     "012_gesture_service",
     "013_gesture_suggestions",
+    "014_event_log",
 ]
 
 
