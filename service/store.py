@@ -877,7 +877,7 @@ async def event_horizon(conn: Connection) -> Horizon | None:
     row = await conn.fetchrow(
         "SELECT dropped_txid, dropped_id, retained_from FROM gesture_event_horizon"
     )
-    return None if row is None else Horizon(row["txid"], row["dropped_id"], row["retained_from"])
+    return None if row is None else Horizon(*row.values())
 
 
 async def event_start(conn: Connection, since: datetime) -> tuple[int, int]:

@@ -1,6 +1,7 @@
 """Section 6: every committed change is announced on Redis, also across outages."""
 
 import asyncio
+import json
 import sys
 import time
 import uuid
@@ -174,6 +175,12 @@ async def test_send_while_redis_is_down_succeeds_and_its_event_follows_when_redi
                 event = await events.expect("gesture.sent", timeout=10, id=g["id"])
                 check_event(event, "gesture.sent", couple.id)
                 assert event["gesture"] == g
+                # The same event reached its stream too (the channel's XADD is in the
+                # same pipeline, after the PUBLISH).
+                partition = couple.id.int % settings.event_streams
+                stream = f"{settings.channel_prefix}stream:{{{partition}}}"
+                entries = await events.redis.xrange(stream)
+                assert event in [json.loads(fields[b"event"]) for _, fields in entries]
 
                 async def ready() -> bool:
                     return (await api.get("/readyz")).status_code == 200
