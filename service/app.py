@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import sys
 import uuid
 from collections.abc import AsyncIterator
 
@@ -111,7 +112,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         node_ttl=settings.node_ttl,
         idempotency_hours=settings.idempotency_hours,
         log_retention_days=settings.event_log_retention_days,
-        identity=(socket.gethostname(), settings.port, __version__),
+        identity=(socket.gethostname(), _listening_port(settings), __version__),
         sockets=lambda: len(hub),
     )
     await publisher.register()
@@ -209,6 +210,7 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
             waiting = oldest = float("nan")  # unknown, rather than a stale figure
         metrics.OUTBOX_WAITING.set(waiting)
         metrics.OUTBOX_OLDEST_SECONDS.set(oldest)
+        await _sample_streams(redis, settings)
 
     try:
         yield {
@@ -231,6 +233,50 @@ async def _resources(settings: config.Settings, pool: store.Pool) -> AsyncIterat
         if provider_http is not None:
             await provider_http.aclose()
         await bus.close_client(redis)
+
+
+def _listening_port(settings: config.Settings) -> int | None:
+    """The port this process serves, for `status`: uvicorn's `--port` (the Procfile passes
+    $PORT there), else PORT; None when started some other way (the app cannot ask uvicorn)."""
+    argv = sys.argv
+    for i, arg in enumerate(argv[:-1]):
+        if arg == "--port" and argv[i + 1].isdigit():
+            return int(argv[i + 1])
+    for arg in argv:
+        if arg.startswith("--port=") and arg[7:].isdigit():
+            return int(arg[7:])
+    return settings.port if os.environ.get("PORT") else None
+
+
+async def _sample_streams(redis: bus.Client, settings: config.Settings) -> None:
+    gauges = (
+        metrics.STREAM_LENGTH,
+        metrics.GROUP_LAG,
+        metrics.GROUP_PENDING,
+        metrics.DEAD_LETTERS,
+        metrics.GROUP_CATCHUPS,
+        metrics.GROUP_DEAD_LETTERED,
+    )
+    for gauge in gauges:
+        gauge.clear()  # a group that went away stops being reported
+    try:
+        async with asyncio.timeout(1.0):
+            report = await bus.stream_report(redis, settings.channel_prefix, settings.event_streams)
+            groups = {g.name for p in report for g in p.groups}
+            counts = await bus.consumer_counts(redis, settings.channel_prefix, groups)
+    except Exception:
+        return  # Redis away: no figures rather than stale ones
+    for p in report:
+        label = str(p.partition)
+        metrics.STREAM_LENGTH.labels(label).set(p.length)
+        metrics.DEAD_LETTERS.labels(label).set(p.dead_letters)
+        for g in p.groups:
+            if g.lag is not None:
+                metrics.GROUP_LAG.labels(g.name, label).set(g.lag)
+            metrics.GROUP_PENDING.labels(g.name, label).set(g.pending)
+    for name, found in counts.items():
+        metrics.GROUP_CATCHUPS.labels(name).set(found.get("catchups", 0))
+        metrics.GROUP_DEAD_LETTERED.labels(name).set(found.get("dead_letters", 0))
 
 
 async def _shutdown(settings, gateway, presence, gestures, publisher, running) -> None:

@@ -40,6 +40,7 @@ import uuid
 from collections import Counter, defaultdict
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
+from typing import NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -962,3 +963,81 @@ def _by_slot(channels: Iterable[str]) -> dict[int, list[str]]:
     for channel in channels:
         groups[key_slot(channel.encode())].append(channel)
     return groups
+
+
+class GroupState(NamedTuple):
+    name: str
+    # Entries not yet delivered to the group (None where Redis cannot say: before 7.0, or
+    # after a trim it cannot count across), and entries delivered but not acknowledged.
+    lag: int | None
+    pending: int
+    last_delivered: str
+
+
+class PartitionState(NamedTuple):
+    partition: int
+    length: int
+    first_id: str | None
+    last_id: str | None
+    groups: list[GroupState]
+    dead_letters: int
+
+
+def _s(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+async def stream_report(redis: Client, prefix: str, partitions: int) -> list[PartitionState]:
+    """Each partition's stream and its consumer groups, as Redis reports them (XINFO), and
+    the length of its dead-letter stream. A stream that does not exist reads as empty."""
+    keys = [stream_key(prefix, n) for n in range(partitions)]
+    async with redis.pipeline(transaction=False) as pipe:
+        for key in keys:
+            pipe.xinfo_stream(key)
+            pipe.xinfo_groups(key)
+            pipe.xlen(f"{key}:dead")
+        answers = await pipe.execute(raise_on_error=False)
+    report = []
+    for n in range(partitions):
+        info, groups, dead = answers[3 * n : 3 * n + 3]
+        if isinstance(info, Exception):  # no such key
+            info, groups = {}, []
+        if isinstance(dead, Exception):
+            dead = 0
+        first = info.get("first-entry") if info else None
+        last = info.get("last-entry") if info else None
+        report.append(
+            PartitionState(
+                partition=n,
+                length=int(info.get("length", 0)) if info else 0,
+                first_id=_s(first[0]) if first else None,
+                last_id=_s(last[0]) if last else None,
+                groups=[
+                    GroupState(
+                        name=_s(g["name"]),
+                        lag=None if g.get("lag") is None else int(g["lag"]),
+                        pending=int(g["pending"]),
+                        last_delivered=_s(g["last-delivered-id"]),
+                    )
+                    for g in groups
+                ],
+                dead_letters=int(dead),
+            )
+        )
+    return report
+
+
+async def consumer_counts(redis: Client, prefix: str, groups: Iterable[str]) -> dict[str, dict]:
+    """What the consumers of each group recorded (`service.consumer`): catch-ups and dead
+    letters, from the hash `<prefix>consumers:<group>`."""
+    names = sorted(set(groups))
+    if not names:
+        return {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for name in names:
+            pipe.hgetall(f"{prefix}consumers:{name}")
+        answers = await pipe.execute(raise_on_error=False)
+    return {
+        name: {} if isinstance(found, Exception) else {_s(k): int(v) for k, v in found.items()}
+        for name, found in zip(names, answers, strict=True)
+    }

@@ -49,6 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default a day)")
     watch = sub.add_parser("watch", help="print events from Redis (REDIS_URL or .dev/'s)")
     watch.add_argument("relationship_id", nargs="?", help="one relationship (default: all)")
+    status = sub.add_parser(
+        "status",
+        help="the deployment at a glance: processes, outbox, event streams and consumer groups "
+        "(DATABASE_URL and REDIS_URL, or .dev/'s)",
+    )
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
     schema = sub.add_parser("schema", help="write schemas/event.schema.json and openapi.json")
     schema.add_argument("--dir", type=Path, default=Path("schemas"))
     args = parser.parse_args(argv)
@@ -64,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
                 return 0
             case "watch":
                 return watch_events(args.relationship_id)
+            case "status":
+                return show_status(args.json)
             case "schema":
                 return write_schemas(args.dir)
     except config.ConfigError as exc:
@@ -129,6 +137,7 @@ def dev_server(processes: int, first_port: int) -> int:
             env["JWT_SECRET"] = _dev_secret(create=True)
         DEV_DIR.mkdir(exist_ok=True)
         (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
+        (DEV_DIR / "database_url").write_text(env["DATABASE_URL"])
         migrate(env["DATABASE_URL"])
         ports = [first_port + i for i in range(processes)]
         settings = config.from_env(env)
@@ -262,6 +271,45 @@ def _wait_ready(port: int, children: list[subprocess.Popen]) -> None:
             pass
         time.sleep(0.2)
     raise SystemExit(f"the process on port {port} did not become ready within 60 s")
+
+
+def _env_or_dev(name: str) -> str:
+    """A variable from the environment, else the value `dev` recorded in .dev/."""
+    value = os.environ.get(name)
+    recorded = DEV_DIR / name.lower()
+    if not value and recorded.exists():
+        value = recorded.read_text().strip()
+    if not value:
+        raise config.ConfigError(f"{name} is not set (and no .dev/{name.lower()}: run `dev` once)")
+    return value
+
+
+def show_status(as_json: bool) -> int:
+    from . import status
+
+    env = {"DATABASE_URL": _env_or_dev("DATABASE_URL"), "REDIS_URL": _env_or_dev("REDIS_URL")}
+    env["JWT_SECRET"] = "unused by status"
+    for name in ("REDIS_CLUSTER", "CHANNEL_PREFIX", "EVENT_STREAMS", "NODE_TTL", "RELAY_INTERVAL"):
+        if os.environ.get(name):
+            env[name] = os.environ[name]
+    settings = config.from_env(env)
+    try:
+        found = asyncio.run(
+            status.gather(
+                settings.database_url,
+                settings.redis_url,
+                cluster=settings.redis_cluster,
+                prefix=settings.channel_prefix,
+                partitions=settings.event_streams,
+                node_ttl=settings.node_ttl,
+                grace=2 * settings.relay_interval + 1,
+            )
+        )
+    except Exception as exc:  # one line an operator can act on, not a traceback
+        print(f"error: could not read the deployment's state: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(found, indent=2) if as_json else status.render(found))
+    return 0
 
 
 def watch_events(relationship_id: str | None) -> int:

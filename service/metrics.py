@@ -70,12 +70,49 @@ DELIVERY_SECONDS = Histogram(
 )
 OUTBOX_WAITING = Gauge(
     "gesture_outbox_rows_waiting",
-    "Events in the outbox not yet published and deleted (shared by all processes; "
-    "sampled at scrape)",
+    "Events of the log that may not have reached Redis yet: the rows of processes whose "
+    "published mark lags (Redis away, or the process dead and not yet taken over); shared "
+    "by all processes, sampled at scrape",
 )
 OUTBOX_OLDEST_SECONDS = Gauge(
     "gesture_outbox_oldest_seconds",
-    "Age of the oldest event in the outbox, 0 when empty (sampled at scrape)",
+    "Age of the oldest event that may not have reached Redis yet, 0 when none (sampled at scrape)",
+)
+# The event streams (CONTRACT section 6), read from Redis at scrape: the same figures from
+# every process. `partition` is 0..EVENT_STREAMS-1; `group` names a consumer group, chosen
+# by the operator of the consuming service, never a user's.
+STREAM_LENGTH = Gauge(
+    "gesture_event_stream_length",
+    "Entries held by each event stream partition (sampled at scrape)",
+    ["partition"],
+)
+GROUP_LAG = Gauge(
+    "gesture_event_group_lag",
+    "Entries of a partition not yet delivered to a consumer group (Redis 7 and later; "
+    "sampled at scrape)",
+    ["group", "partition"],
+)
+GROUP_PENDING = Gauge(
+    "gesture_event_group_pending",
+    "Entries delivered to a consumer group and not acknowledged yet (sampled at scrape)",
+    ["group", "partition"],
+)
+DEAD_LETTERS = Gauge(
+    "gesture_event_dead_letters",
+    "Entries in a partition's dead-letter stream (sampled at scrape)",
+    ["partition"],
+)
+GROUP_CATCHUPS = Gauge(
+    "gesture_event_group_catchups",
+    "Times the consumers of a group found their position gone and caught up from "
+    "GET /api/events, as they recorded it in Redis (sampled at scrape)",
+    ["group"],
+)
+GROUP_DEAD_LETTERED = Gauge(
+    "gesture_event_group_dead_lettered",
+    "Entries the consumers of a group moved to a dead-letter stream, as they recorded it "
+    "in Redis (sampled at scrape)",
+    ["group"],
 )
 SUBSCRIBER_RECONNECTS = Counter(
     "gesture_pubsub_reconnects_total",
