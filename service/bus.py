@@ -1,16 +1,22 @@
-"""Events on Redis: publishing through the outbox, and one subscriber per process.
+"""Events on Redis: publishing the event log, one subscriber per process, stream reports.
 
 Guarantees, and their limits:
 
-* Publishing is at least once. An event is written to `gesture_outbox` in the same
-  transaction as the change it announces, handed to `Publisher.publish` after commit, and
-  deleted once Redis has taken it. Whatever is left (Redis was down, the process died) is
-  published by the relay that runs in every process, oldest first, once Redis answers. An
-  event can therefore arrive twice, or after a newer one: consumers dedupe by `event_id`.
-* Redis pub/sub itself is at most once: a subscriber that is disconnected misses what was
-  published meanwhile. `Subscriber` reconnects with backoff and jitter, resubscribes, and then
-  calls `on_resubscribed(since)` so the gateway can re-read from PostgreSQL, the source of
-  truth, what its clients may have missed.
+* Publishing is at least once. An event is written to the log (`gesture_events`) in the same
+  transaction as the change it announces and handed to `Publisher.publish` after commit,
+  which sends it, in one pipeline, on its channel (PUBLISH) and, for a relationship's event,
+  to its partition's stream (XADD, trimmed by age with MINID). Rows are never deleted one by
+  one; progress is a mark per process (`gesture_nodes.published_through`). What Redis
+  refused, the process publishes again from the log once Redis answers; what a process that
+  died may not have published, a survivor does. An event can therefore arrive twice, or
+  after a newer one: consumers dedupe by `event_id`.
+* Channels are pub/sub, at most once to each subscriber: one that is disconnected misses
+  what was published meanwhile. `Subscriber` reconnects with backoff and jitter, resubscribes,
+  and then calls `on_resubscribed(since)` so the gateway can re-read from PostgreSQL, the
+  source of truth, what its clients may have missed.
+* Streams keep entries for EVENT_STREAM_RETENTION seconds; consumer groups read them at
+  their own pace (`service.consumer`). All events of a relationship are in one partition,
+  `uuid(relationship_id).int % EVENT_STREAMS`, in the order their processes published them.
 
 Cluster mode (`REDIS_CLUSTER=true`): the bus alone knows which Redis a channel lives on.
 `redis_client` returns a `RedisCluster`; events go out with SPUBLISH on the same channel
