@@ -322,7 +322,7 @@ class Publisher:
                         pipe.spublish(row.channel, row.payload)
                     else:
                         pipe.publish(row.channel, row.payload)
-                    if row.relationship_id is not None:
+                    if row.relationship_id is not None and self._partitions:
                         pipe.xadd(
                             self.stream(row.relationship_id),
                             {"event": row.payload},

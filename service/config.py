@@ -60,7 +60,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # every RELAY_INTERVAL s; a process whose beat is NODE_TTL s old is taken over.
     relay_interval: float = 1.0
     node_ttl: float = 15.0
-    # Event streams: EVENT_STREAMS partitions, entries kept EVENT_STREAM_RETENTION s; the
+    # Event streams: EVENT_STREAMS partitions (0: none, to measure what they cost), entries
+    # kept EVENT_STREAM_RETENTION s; the
     # log in PostgreSQL keeps events EVENT_LOG_RETENTION_DAYS days (1 to 30).
     event_streams: int = 16
     event_stream_retention: int = 86400
@@ -132,7 +133,12 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "SUGGESTION_PROVIDER_KEY": ("suggestion_provider_key", str),
     "SUGGESTION_PROVIDER_TIMEOUT": ("suggestion_provider_timeout", float),
 }
-_ZERO_ALLOWED = {"RELATIONSHIP_CACHE_TTL", "WS_PING_INTERVAL", "GC_FREEZE_INTERVAL"}
+_ZERO_ALLOWED = {
+    "RELATIONSHIP_CACHE_TTL",
+    "WS_PING_INTERVAL",
+    "GC_FREEZE_INTERVAL",
+    "EVENT_STREAMS",
+}
 _REQUIRED = {
     "DATABASE_URL": "the PostgreSQL DSN, e.g. postgresql://user@host:5432/db",
     "REDIS_URL": "the Redis URL, e.g. redis://127.0.0.1:6379/0",
