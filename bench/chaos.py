@@ -12,10 +12,12 @@ WebSocket. While it runs, at times printed as they happen:
 3. PostgreSQL cut for a few seconds at the proxy (new connections refused, open ones dropped);
 4. SIGTERM of another service process, started again on its port.
 
-Then every partner connects, the outbox drains, and the run reconciles what clients were
-told against PostgreSQL and against every event its own subscriber saw on the relationship
-channels (`gestures:<id>`). It prints a table, writes every figure to a JSON file, and exits
-1 when anything was lost, doubled or unserved. Bounded in time; talks to 127.0.0.1 only.
+Two replicas of a consumer group (`python -m service consume`) read the event streams
+throughout. Then every partner connects, the outbox drains, and the run reconciles what
+clients were told against PostgreSQL, against every event its own subscriber saw on the
+relationship channels (`gestures:<id>`), and every event of the log against what the
+consumer group printed. It prints a table, writes every figure to a JSON file, and exits 1
+when anything was lost, doubled or unserved. Bounded in time; talks to 127.0.0.1 only.
 """
 
 import argparse
@@ -380,6 +382,67 @@ class Observer:
                     await client.aclose()
 
 
+class Consumer:
+    """A replica of a consumer group, as another service runs it: `python -m service consume`
+    on the run's own Redis (directly, as the observer: it lives through the restart, which
+    takes the streams with it) and the API of a service process for its catch-ups. What it
+    prints, one event a line, goes to a file the run reads at the end."""
+
+    def __init__(self, rig: "Rig", name: str, group: str, api_port: int) -> None:
+        self.name = name
+        self.out = Path(rig.tmp) / f"consumer-{name}.jsonl"
+        self.err = Path(rig.tmp) / f"consumer-{name}.log"
+        env = {
+            **os.environ,
+            "REDIS_URL": rig.redis.url,
+            "JWT_SECRET": rig.jwt_secret,
+            "EVENTS_API_URL": f"http://127.0.0.1:{api_port}",
+        }
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "service",
+                    "consume",
+                    "--group",
+                    group,
+                    "--consumer",
+                    name,
+                    "--claim-idle",
+                    "5",
+                ],
+                cwd=ROOT,
+                env=env,
+                stdout=out,
+                stderr=err,
+                start_new_session=True,
+            )
+
+    def events(self) -> list[dict]:
+        found = []
+        for line in self.out.read_text(errors="replace").splitlines():
+            with contextlib.suppress(ValueError):
+                found.append(json.loads(line))
+        return found
+
+    def stop(self) -> int | None:
+        """SIGTERM, as a deploy would; what it printed was acknowledged or stays pending."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(Exception):
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+
+
 class IoThread:
     """An event loop on a thread of its own for the proxies and the observer, so that the
     orchestrator may block (waiting for a process) without stalling the forwarding."""
@@ -432,6 +495,7 @@ class Rig:
         self.services: dict[str, Service] = {}
         self.ports: dict[str, int] = {}
         self.gens: list[Gen] = []
+        self.consumers: list[Consumer] = []
         self.keep_tmp = False
 
     def __enter__(self) -> "Rig":
@@ -442,6 +506,8 @@ class Rig:
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         for g in self.gens:
             g.kill()
+        for c in self.consumers:
+            c.kill()
         for s in self.services.values():
             with contextlib.suppress(Exception):
                 if s.proc.poll() is None:
@@ -665,6 +731,10 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
         rig.start_service(name)
     ports = [rig.ports[n] for n in ("p1", "p2", "p3")]
     clock.say(f"3 service processes on ports {ports}; logs in {rig.tmp}")
+    # Two replicas of one consumer group read the streams throughout; p3 is never faulted,
+    # so their catch-ups always find an API to read.
+    for name in ("c1", "c2"):
+        rig.consumers.append(Consumer(rig, name, CONSUMER_GROUP, rig.ports["p3"]))
 
     couples = []
     n_intermittent = round(plan.couples * plan.intermittent_share)
@@ -746,6 +816,7 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
     load.send("quit")
     with contextlib.suppress(Exception):
         load.expect("stopped", 15)
+    result["consumer_group"] = _consumer_verdict(rig, clock)
 
     result["faults"] = faults
     result["verdict"] = verdict
@@ -761,11 +832,58 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
     failed = [k for k in MUST_BE_ZERO if verdict[k]]
     if left:
         failed.append("outbox_left")
+    if result["consumer_group"]["missed"]:
+        failed.append("consumer_group_missed")
     if failed:
         print(f"\nchaos: FAILED: {', '.join(failed)}")
         return 1
     print("\nchaos: nothing lost, doubled or unserved")
     return 0
+
+
+CONSUMER_GROUP = "chaos"
+
+
+def _consumer_verdict(rig: Rig, clock: Clock, timeout: float = 45.0) -> dict:
+    """Every event of the log (PostgreSQL, the source of truth) against what the group's
+    replicas printed: missed ones (must be 0), and duplicates (at least once allows them)."""
+    logged = {
+        json.loads(bytes(r["payload"]))["event_id"]
+        for r in rig.sql(
+            "SELECT payload FROM gesture_events WHERE relationship_id IS NOT NULL", fetch=True
+        )
+    }
+    deadline = time.time() + timeout
+    while True:
+        seen = [e.get("event_id") for c in rig.consumers for e in c.events()]
+        missed = logged - set(seen)
+        if not missed or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    exits = {c.name: c.stop() for c in rig.consumers}
+    seen = [e.get("event_id") for c in rig.consumers for e in c.events()]
+    counts = Counter(seen)
+    missed = logged - set(seen)
+    verdict = {
+        "replicas": len(rig.consumers),
+        "events_in_log": len(logged),
+        "events_seen": len(seen),
+        "missed": len(missed),
+        "missed_ids": sorted(missed)[:20],
+        "duplicates": sum(n - 1 for n in counts.values() if n > 1),
+        "by_replica": {c.name: len(c.events()) for c in rig.consumers},
+        "exit_codes": exits,
+        "catchups": _count_lines(rig, "catching up"),
+    }
+    clock.say(
+        f"consumer group: {verdict['events_seen']} events seen of {len(logged)} in the log, "
+        f"{verdict['missed']} missed, {verdict['duplicates']} duplicates"
+    )
+    return verdict
+
+
+def _count_lines(rig: Rig, needle: str) -> int:
+    return sum(c.err.read_text(errors="replace").lower().count(needle) for c in rig.consumers)
 
 
 def _log_errors(rig: Rig) -> dict:
@@ -1040,6 +1158,17 @@ def render(v: dict, faults: list, result: dict) -> str:
         ],
         ["sends given up (no answer in time)", v["gave_up"], "not answered: no promise made"],
         ["outbox rows left at the end", result.get("outbox_left"), "must be 0"],
+        [
+            "consumer group: events missed",
+            result["consumer_group"]["missed"],
+            f"must be 0 ({result['consumer_group']['events_in_log']} in the log, "
+            f"{result['consumer_group']['replicas']} replicas)",
+        ],
+        [
+            "  duplicates it saw",
+            result["consumer_group"]["duplicates"],
+            "allowed: at least once",
+        ],
     ]
     out.append(
         table("chaos: what was promised, against PostgreSQL and Redis", ["", "count", "note"], rows)
