@@ -171,9 +171,9 @@ class Gateway:
                     dedupe=("a", gesture.id),
                 )
 
-    def _received(self, gesture: Gesture) -> tuple[bytes, uuid.UUID | None, Dedupe]:
+    def _received(self, gesture: Gesture) -> tuple[bytes, Gesture | None, Dedupe]:
         frame = encoder.encode(GestureReceivedFrame(gesture=gesture))
-        return frame, gesture.id if gesture.delivered_at is None else None, ("r", gesture.id)
+        return frame, gesture if gesture.delivered_at is None else None, ("r", gesture.id)
 
     def _push_received(self, gesture: Gesture) -> None:
         frame, delivered, dedupe = self._received(gesture)
@@ -182,7 +182,7 @@ class Gateway:
             # `_delivered` called, inside it.
             if len(self._committed) > 10_000:  # written never (sockets gone): forget
                 self._committed.clear()
-            self._committed[delivered] = gesture.sent_at.timestamp()
+            self._committed[gesture.id] = gesture.sent_at.timestamp()
         pushed = self.hub.push(
             gesture.relationship_id,
             other_role(gesture.sent_by),
@@ -191,14 +191,14 @@ class Gateway:
             dedupe=dedupe,
         )
         if not pushed and delivered is not None:
-            self._committed.pop(delivered, None)
+            self._committed.pop(gesture.id, None)
 
-    def _delivered(self, gesture_id: uuid.UUID) -> None:
-        """A gesture_received frame handed `gesture_id` over: time it, mark it delivered."""
-        committed = self._committed.pop(gesture_id, None)
+    def _delivered(self, gesture: Gesture) -> None:
+        """A gesture_received frame handed `gesture` over: time it, mark it delivered."""
+        committed = self._committed.pop(gesture.id, None)
         if committed is not None:
             metrics.DELIVERY_SECONDS.observe(time.time() - committed)
-        self._gestures.delivered(gesture_id)
+        self._gestures.delivered(gesture)
 
     def _push_presence(self, relationship_id: uuid.UUID, partner: str, online: bool) -> None:
         frame = encoder.encode(PresenceFrame(partner=partner, online=online))

@@ -148,7 +148,7 @@ class Gestures:
         self._sends: store.GroupCommit[_SendItem, _Sent | errors.ServiceError] = store.GroupCommit(
             pool, self._commit_sends, after_commit=self._publish_sends, timeout=self._timeout
         )
-        self._deliveries: set[uuid.UUID] = set()
+        self._deliveries: dict[uuid.UUID, Gesture] = {}
         self._deliveries_ready = asyncio.Event()
 
     async def run(self) -> None:
@@ -695,9 +695,10 @@ class Gestures:
 
     # ------------------------------------------------------------------ delivery
 
-    def delivered(self, gesture_id: uuid.UUID) -> None:
-        """A `gesture_received` reached a recipient connection; mark it soon, once."""
-        self._deliveries.add(gesture_id)
+    def delivered(self, gesture: Gesture) -> None:
+        """A `gesture_received` reached a recipient connection; mark it soon, once. `gesture`
+        is the copy the frame carried: its event is written from it (`_mark`)."""
+        self._deliveries[gesture.id] = gesture
         self._deliveries_ready.set()
 
     async def _delivery_loop(self) -> None:
@@ -715,22 +716,39 @@ class Gestures:
         """Mark what is queued in one transaction; on failure keep it for the next pass."""
         if not self._deliveries:
             return
-        ids = list(self._deliveries)
-        self._deliveries.clear()
+        copies, self._deliveries = self._deliveries, {}
         try:
-            await self._mark(ids)
+            await self._mark(list(copies.values()))
         except Exception:
-            self._deliveries.update(ids)
+            self._deliveries.update(copies)
             raise
 
-    async def _mark(self, ids: list[uuid.UUID]) -> None:
-        async with store.transaction(self._pool, self._timeout) as conn:
-            marked = await store.mark_delivered(conn, ids)
-            rows = await store.add_events(
-                conn,
-                [self._event_row(GestureDelivered, g, g.delivered_at) for g in marked],
-                self._node,
+    async def _mark(self, copies: list[Gesture]) -> None:
+        """Mark delivered, with their events, in one statement: each event is written from
+        the copy of the gesture this process holds, marked now, and counts only where the
+        row still matches it (not delivered, not acknowledged: the fields that change). What
+        changed meanwhile is marked from the row as it is now, in a transaction."""
+        at = datetime.now(UTC)
+        fresh = [g for g in copies if g.acknowledged_at is None]
+        events = [
+            self._event_row(GestureDelivered, g, at)
+            for g in (msgspec.structs.replace(g, delivered_at=at) for g in fresh)
+        ]
+        async with store.connection(self._pool, self._timeout) as conn:
+            marked, rows = await store.mark_delivered_from(
+                conn, [g.id for g in fresh], at, events, self._node
             )
+            self._publisher.publish(rows)
+            rest = [g.id for g in copies if g.id not in marked]
+            if not rest:
+                return
+            async with store.atomic(conn):
+                now = await store.mark_delivered(conn, rest)
+                rows = await store.add_events(
+                    conn,
+                    [self._event_row(GestureDelivered, g, g.delivered_at) for g in now],
+                    self._node,
+                )
         self._publisher.publish(rows)
 
 

@@ -26,6 +26,7 @@ from collections import deque
 from collections.abc import Awaitable, Callable, Iterator
 
 from . import metrics
+from .schemas import Gesture
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class Connection:
         *,
         send: Callable[[bytes], Awaitable[None]],
         close: Callable[[int, str], Awaitable[None]],
-        on_delivered: Callable[[uuid.UUID], None],
+        on_delivered: Callable[[Gesture], None],
         limit: int,
         user_id: str | None = None,
         expires: float = math.inf,
@@ -94,9 +95,9 @@ class Connection:
         self.other_online: bool | None = None
 
     def push(
-        self, frame: bytes, *, delivered: uuid.UUID | None = None, dedupe: Dedupe | None = None
+        self, frame: bytes, *, delivered: Gesture | None = None, dedupe: Dedupe | None = None
     ) -> None:
-        """Queue a frame. `delivered` names a gesture this frame hands to its recipient."""
+        """Queue a frame. `delivered` is the gesture this frame hands to its recipient."""
         if self.closed:
             return
         if dedupe is not None:
@@ -110,7 +111,7 @@ class Connection:
             return
         self._enqueue(frame, delivered)
 
-    def open(self, first: list[tuple[bytes, uuid.UUID | None, Dedupe | None]]) -> None:
+    def open(self, first: list[tuple[bytes, Gesture | None, Dedupe | None]]) -> None:
         """Start sending: `first`, then what was pushed before `open` and is not in `first`."""
         held, self._held = self._held or [], None
         keys = set()
@@ -129,7 +130,7 @@ class Connection:
         if len(self._seen) > _SEEN_LIMIT:
             del self._seen[next(iter(self._seen))]
 
-    def _enqueue(self, frame: bytes, delivered: uuid.UUID | None) -> None:
+    def _enqueue(self, frame: bytes, delivered: Gesture | None) -> None:
         if self.closed:
             return
         # At once only when nothing is on its way: a flusher may hold a frame it popped and
@@ -156,7 +157,7 @@ class Connection:
         finally:
             self._flusher = None
 
-    def _written(self, frame: bytes, delivered: uuid.UUID | None) -> None:
+    def _written(self, frame: bytes, delivered: Gesture | None) -> None:
         self._greeting = max(0, self._greeting - 1)
         metrics.frame_written(frame)
         if delivered is not None:
@@ -229,7 +230,7 @@ class Hub:
         role: str,
         frame: bytes,
         *,
-        delivered: uuid.UUID | None = None,
+        delivered: Gesture | None = None,
         dedupe: Dedupe | None = None,
     ) -> int:
         """Queue a frame for every connection of `role` in the relationship; how many."""

@@ -9,8 +9,9 @@ so a PostgreSQL outage answers 503 within `db_timeout` seconds instead of hangin
 PostgreSQL spends most of a small write on the commit, so a batch of 50 costs little more
 than one. A caller is answered only after the commit that holds its write.
 
-Times: `sent_at` is set by the service when it admits a send (so the event can be written in
-the same statement as the row); `delivered_at` and `acknowledged_at` are the database's.
+Times: `sent_at` is set by the service when it admits a send, and `delivered_at` by the
+process that wrote the frame to a recipient (so each event can be written in the same
+statement as its row); `acknowledged_at` is the database's.
 """
 
 import asyncio
@@ -599,6 +600,43 @@ async def mark_delivered(conn: Connection, ids: Sequence[uuid.UUID]) -> list[Ges
         ids,
     )
     return [_gesture(r) for r in rows]
+
+
+async def mark_delivered_from(
+    conn: Connection,
+    ids: Sequence[uuid.UUID],
+    at: datetime,
+    events: Sequence[EventRow],
+    node: int,
+) -> tuple[set[uuid.UUID], list[OutboxRow]]:
+    """Set delivered_at to `at` where the gesture is neither delivered nor acknowledged,
+    and write the event of each one marked (`events[i]` announces `ids[i]`), in one
+    statement, atomic without a transaction. Returns the ids marked and their event rows."""
+    if not ids:
+        return set(), []
+    rows = await conn.fetch(
+        """WITH m AS (
+            UPDATE connection_gestures SET delivered_at = $2
+            WHERE id = any($1::uuid[]) AND delivered_at IS NULL AND acknowledged_at IS NULL
+            RETURNING id),
+        e AS (
+            INSERT INTO gesture_events (node, channel, payload, relationship_id)
+            SELECT $3, e_channel, e_payload, e_rel
+            FROM unnest($1::uuid[], $4::text[], $5::bytea[], $6::uuid[])
+                AS e(e_gid, e_channel, e_payload, e_rel)
+            JOIN m ON m.id = e.e_gid
+            RETURNING channel, payload, relationship_id, created_at)
+        SELECT NULL::uuid AS id, channel, payload, relationship_id, created_at FROM e
+        UNION ALL SELECT id, NULL, NULL, NULL, NULL FROM m""",
+        ids,
+        at,
+        node,
+        [e[0] for e in events],
+        [e[1] for e in events],
+        [e[2] for e in events],
+    )
+    marked = {r["id"] for r in rows if r["id"] is not None}
+    return marked, [_outbox_row(r) for r in rows if r["id"] is None]
 
 
 async def changed_since(

@@ -227,3 +227,26 @@ def test_partition_of_a_relationship_is_its_uuid_modulo_the_stream_count():
     rid = uuid.UUID("00000000-0000-0000-0000-000000000013")
     assert bus.partition_of(rid, 16) == 3
     assert bus.stream_key("gestures:", 3) == "gestures:stream:{3}"
+
+
+async def test_a_delivery_mark_counts_only_where_the_row_still_matches_the_copy(api, db, couple):
+    """The mark and its event are one statement written from the recipient process's copy:
+    a gesture acknowledged (or delivered) meanwhile is not marked from that copy."""
+    fresh = await send(api, couple.id, couple.a_headers)
+    answered = await send(api, couple.id, couple.a_headers)
+    r = await api.post(
+        "/api/gestures/acknowledge",
+        json={"gesture_id": answered["id"], "acknowledged_by": "partner_b"},
+        headers=couple.b_headers,
+    )
+    assert r.status_code == 200, r.text
+    at = datetime.now(UTC)
+    ids = [uuid.UUID(fresh["id"]), uuid.UUID(answered["id"])]
+    events = [("c", f'{{"n": "{i}"}}'.encode(), couple.id) for i in ids]
+    marked, rows = await store.mark_delivered_from(db, ids, at, events, 0)
+    assert marked == {ids[0]}
+    assert [row.payload for row in rows] == [events[0][1]]
+    assert (await store.get_gesture(db, ids[0])).delivered_at == at
+    assert (await store.get_gesture(db, ids[1])).delivered_at is None
+    # Marked once: a second mark of the same copy finds it delivered and writes nothing.
+    assert await store.mark_delivered_from(db, ids[:1], at, events[:1], 0) == (set(), [])
