@@ -371,14 +371,14 @@ class Pane {
     const li = this.item(gesture, true);
     const only = el("button", { type: "button", className: "ack-only", textContent: "✓ Acknowledge" });
     only.addEventListener("click", () => this.acknowledge(gesture.id, null));
-    const ack = el("div", { className: "ack" }, only, "or acknowledge and send back:");
+    const back = el("span", { className: "back" }, "or acknowledge and send back:");
     for (const type of Object.keys(LABEL)) {
       const button = el("button", { type: "button", textContent: LABEL[type] });
       button.dataset.ack = type;
       button.addEventListener("click", () => this.acknowledge(gesture.id, type));
-      ack.append(button);
+      back.append(button);
     }
-    li.append(ack);
+    li.append(el("div", { className: "ack" }, only, back));
     this.received.set(gesture.id, li);
     this.$(".received").prepend(li);
   }
