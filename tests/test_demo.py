@@ -5,6 +5,8 @@ pane B on the second, set up the way `python -m service dev` sets it up.
 The test saves a screenshot of the page after the exchange: to the path in the environment
 variable DEMO_SCREENSHOT when set (`DEMO_SCREENSHOT=docs/demo.png` refreshes the README's),
 else in the test's temporary folder, so that running the suite leaves the work tree clean.
+For the README's, install an emoji font first (Debian: fonts-noto-color-emoji), or the
+gesture labels show as boxes.
 """
 
 import itertools
