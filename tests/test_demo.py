@@ -5,12 +5,17 @@ pane B on the second, set up the way `python -m service dev` sets it up.
 The test saves a screenshot of the page after the exchange: to the path in the environment
 variable DEMO_SCREENSHOT when set (`DEMO_SCREENSHOT=docs/demo.png` refreshes the README's),
 else in the test's temporary folder, so that running the suite leaves the work tree clean.
+For the README's, install an emoji font first (Debian: fonts-noto-color-emoji), or the
+gesture labels show as boxes.
 """
 
+import itertools
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
@@ -22,8 +27,9 @@ from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
 from service.cli import demo_address
+from service.suggestions import DAY, Context, compose, prompt
 
-from .conftest import ROOT, SECRET
+from .conftest import ROOT, SECRET, bearer
 
 pytestmark = [pytest.mark.anyio, pytest.mark.multiprocess]
 
@@ -115,7 +121,9 @@ async def test_a_hug_crosses_processes_and_comes_back_as_a_kiss(
         paths = (await http.get(f"{p1.url}/openapi.json")).json()["paths"]
     browser.find_element(By.CSS_SELECTOR, "#pane-a .suggest").click()
     if "/api/gestures/generate-message" in paths:
-        wait_for(browser, "#pane-a .error.info", text="Suggested")
+        drew_on = wait_for(browser, "#pane-a .error.info", text="Suggested").text
+        # What it drew on, in words: every suggestion reads the time of day.
+        assert "the time of day" in drew_on and "_" not in drew_on, drew_on
         suggested = browser.find_element(By.CSS_SELECTOR, "#pane-a textarea")
         suggested = suggested.get_property("value").strip()
         assert suggested
@@ -167,6 +175,84 @@ async def test_a_hug_crosses_processes_and_comes_back_as_a_kiss(
     browser.find_element(By.CSS_SELECTOR, "#pane-b .toggle").click()
     wait_for(browser, "#pane-b .conn[data-state=connected]")
     wait_for(browser, "#pane-a .other-text", text="Partner B is online")
+
+
+async def test_a_fresh_pane_says_so_and_a_gesture_can_be_acknowledged_without_one_back(
+    processes, browser: WebDriver
+):
+    [p] = await processes(1)
+    page = demo_address(p.url, p.ws_url, SECRET)
+    tokens = parse_qs(urlsplit(page).fragment)
+    browser.get(page)
+    wait_for(browser, "#pane-a .conn[data-state=connected]")
+    wait_for(browser, "#pane-b .conn[data-state=connected]")
+
+    # Fresh panes: each list says that it is empty, and what to do.
+    for pane, other in (("a", "B"), ("b", "A")):
+        wait_for(browser, f"#pane-{pane} .empty-received", text="Nothing has arrived yet")
+        wait_for(browser, f"#pane-{pane} .empty-received", text=f"When Partner {other} sends")
+        wait_for(browser, f"#pane-{pane} .empty-sent", text="You have not sent anything yet")
+
+    # A sends a "thinking of you": A's Sent and B's Received lists replace their empty states.
+    browser.find_element(By.CSS_SELECTOR, "#pane-a .types [data-type=thinking_of_you]").click()
+    browser.find_element(By.CSS_SELECTOR, "#pane-a .send").click()
+    sent = wait_for(browser, "#pane-a .sent li[data-type=thinking_of_you]")
+    gesture_id = sent.get_attribute("data-gesture-id")
+    received = wait_for(browser, f"#pane-b .received li[data-gesture-id='{gesture_id}']")
+    assert not browser.find_element(By.CSS_SELECTOR, "#pane-a .empty-sent").is_displayed()
+    assert not browser.find_element(By.CSS_SELECTOR, "#pane-b .empty-received").is_displayed()
+
+    # B acknowledges it without sending one back.
+    received.find_element(By.CSS_SELECTOR, "button.ack-only").click()
+    wait_for(
+        browser,
+        f"#pane-b .received li[data-gesture-id='{gesture_id}'][data-acknowledged=true]",
+        text="acknowledged; nothing sent back",
+    )
+    # B's confirmation carried no response gesture: B's Sent list is still empty.
+    assert browser.find_elements(By.CSS_SELECTOR, "#pane-b .sent li") == []
+    assert browser.find_element(By.CSS_SELECTOR, "#pane-b .empty-sent").is_displayed()
+
+    # A's pane shows its gesture acknowledged, with nothing sent back.
+    acked = wait_for(
+        browser, f"#pane-a .sent li[data-gesture-id='{gesture_id}'][data-acknowledged=true]"
+    )
+    assert "acknowledged" in acked.text and "sent back" not in acked.text
+
+    # And the server holds it so: acknowledged by B, no response gesture, nothing else sent.
+    async with httpx.AsyncClient(base_url=p.url, headers=bearer(tokens["b"][0])) as http:
+        gesture = (await http.get(f"/api/gestures/{gesture_id}")).json()
+        assert gesture["acknowledged_by"] == "partner_b"
+        assert gesture["response_gesture_id"] is None
+        recent = await http.get(
+            "/api/gestures/recent", params={"relationship_id": tokens["rel"][0]}
+        )
+        assert recent.json()["count"] == 1
+    assert browser.find_elements(By.CSS_SELECTOR, "#pane-a .received li") == []
+
+
+def test_the_page_has_words_for_every_name_a_suggestion_may_draw_on():
+    """demo.js's one table of words covers exactly the `context_used` names that the built-in
+    composer and the provider's prompt produce, over contexts that reach every branch."""
+    names: set[str] = set()
+    for received, sent_age, streak, week, seed in itertools.product(
+        (None, "hug"), (None, 60.0, DAY, 5 * DAY), (0, 3), (0, 12), range(2)
+    ):
+        ctx = Context(
+            gesture_type="hug",
+            local_hour=9,
+            received_type=received,
+            received_age=None if received is None else 3600.0,
+            sent_age=sent_age,
+            streak_days=streak,
+            week_count=week,
+        )
+        names.update(compose(ctx, seed).context_used)
+        names.update(prompt(ctx)[1])
+    script = (ROOT / "service" / "demo" / "demo.js").read_text()
+    table = re.search(r"const CONTEXT_WORDS = \{(.*?)\};", script, re.S)
+    assert table, "demo.js has no CONTEXT_WORDS table"
+    assert set(re.findall(r"^\s*(\w+):", table.group(1), re.M)) == names
 
 
 async def test_the_demo_page_and_its_scripts_are_served_without_a_build_step(processes):

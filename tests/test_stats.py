@@ -83,6 +83,42 @@ async def test_stats_cover_only_the_last_days_asked_for(
     assert wide["sent"]["partner_a"]["kiss"] == 1  # the one of 40 days ago
 
 
+async def test_the_window_holds_the_gesture_acknowledged_and_the_streak_runs_past_it(
+    api: httpx.AsyncClient, couple: Couple, db: asyncpg.Connection
+):
+    """As docs/api.md says: a gesture sent before the window and answered inside it counts in
+    neither `acknowledged` nor `sent_back` (the gesture sent back does count in `sent`), and
+    `streak_days` is not bounded by `days`."""
+    await write_history(db, couple)
+    assert (await stats(api, couple, days=1)).json()["streak_days"] == 3
+    before = (await stats(api, couple)).json()
+
+    # A hug of 31 days ago, acknowledged an hour ago by B with a kiss sent back.
+    kiss = uuid.uuid4()
+    async with db.transaction():
+        await db.execute(
+            """INSERT INTO connection_gestures (id, relationship_id, gesture_type, sent_by,
+                sent_at)
+            VALUES ($2, $1, 'kiss', 'partner_b', now() - interval '1 hour')""",
+            couple.id,
+            kiss,
+        )
+        await db.execute(
+            """INSERT INTO connection_gestures (relationship_id, gesture_type, sent_by, sent_at,
+                acknowledged_at, acknowledged_by, response_gesture_id)
+            VALUES ($1, 'hug', 'partner_a', now() - interval '31 days',
+                now() - interval '1 hour', 'partner_b', $2)""",
+            couple.id,
+            kiss,
+        )
+    after = (await stats(api, couple)).json()
+    assert after["sent"]["partner_a"] == before["sent"]["partner_a"]
+    assert after["sent"]["partner_b"]["kiss"] == before["sent"]["partner_b"]["kiss"] + 1
+    assert after["acknowledged"] == before["acknowledged"]
+    assert after["sent_back"] == before["sent_back"]
+    assert after["median_seconds_to_acknowledge"] == before["median_seconds_to_acknowledge"]
+
+
 async def test_a_couple_with_no_gesture_gets_zeros_and_no_streak(
     api: httpx.AsyncClient, couple: Couple
 ):

@@ -76,7 +76,8 @@ export class GestureClient {
   }
 
   acknowledge(gestureId, sendBackType = null, sendBackMessage = null) {
-    const frame = { type: "gesture_acknowledge", gesture_id: gestureId };
+    // No sendBackType: acknowledge only (send_back false), nothing goes back.
+    const frame = { type: "gesture_acknowledge", gesture_id: gestureId, send_back: false };
     if (sendBackType) Object.assign(frame, { send_back: true, send_back_type: sendBackType });
     if (sendBackMessage) frame.send_back_message = sendBackMessage;
     return this.send(frame);

@@ -16,6 +16,24 @@ const CLOSE_TEXT = {
   1012: "server restarting",
   1013: "service unavailable",
 };
+// Words for every name a suggestion's `context_used` may hold (the built-in composer and the
+// provider's prompt in service/suggestions.py). The API keeps identifiers, for programs; the
+// page says them in words, here and nowhere else. A name missing here (a newer server) is
+// shown as it comes, underscores as spaces.
+const CONTEXT_WORDS = {
+  time_of_day: "the time of day",
+  last_received: "the last gesture your partner sent you",
+  last_sent: "when you last sent one",
+  streak: "your streak of days in a row",
+  recent_gestures: "how many gestures you two exchanged this week",
+};
+const AND = new Intl.ListFormat("en", { type: "conjunction" });
+
+function contextInWords(names) {
+  if (!names || names.length === 0) return "nothing in particular";
+  return AND.format(names.map((name) => CONTEXT_WORDS[name] || name.replace(/_/g, " ")));
+}
+
 const ERROR_TEXT = {
   rate_limited: (m) => `Slow down: ${m}.`,
   invalid: (m) => `Not accepted: ${m}.`,
@@ -72,6 +90,13 @@ class Pane {
     const other = key === "a" ? "B" : "A";
     this.$(".who").append(`Partner ${letter} `, el("small", { textContent: subOf(token) }));
     this.otherName = `Partner ${other}`;
+    // Shown by the stylesheet only while its list is empty.
+    this.$(".empty-received").textContent =
+      `Nothing has arrived yet. When ${this.otherName} sends a gesture, it shows up here: ` +
+      "acknowledge it, or acknowledge it and send one back.";
+    this.$(".empty-sent").textContent =
+      "You have not sent anything yet. Pick a gesture above, add a note if you like " +
+      "(or ask for a suggested one), and press Send.";
     this.sent = new Map(); // gesture id -> list item
     this.received = new Map(); // gesture id -> list item
     this.requests = new Map(); // request_id -> what it was for
@@ -118,6 +143,7 @@ class Pane {
     this.say("");
   }
 
+  // sendBackType null: acknowledge only, nothing sent back.
   acknowledge(gestureId, sendBackType) {
     const requestId = this.client.acknowledge(gestureId, sendBackType);
     if (requestId === null) {
@@ -158,7 +184,7 @@ class Pane {
     } else {
       this.$("textarea").value = body.message;
       this.suggestion = { id: body.suggestion_id, text: body.message.trim() };
-      const used = (body.context_used || []).join(", ") || "nothing in particular";
+      const used = contextInWords(body.context_used);
       this.say(`Suggested, drawing on ${used}. Edit it or send it as it is.`, true);
     }
   }
@@ -343,14 +369,16 @@ class Pane {
   showReceived(gesture) {
     if (this.received.has(gesture.id)) return;
     const li = this.item(gesture, true);
-    const ack = el("div", { className: "ack" }, "Acknowledge, sending back:");
+    const only = el("button", { type: "button", className: "ack-only", textContent: "✓ Acknowledge" });
+    only.addEventListener("click", () => this.acknowledge(gesture.id, null));
+    const back = el("span", { className: "back" }, "or acknowledge and send back:");
     for (const type of Object.keys(LABEL)) {
       const button = el("button", { type: "button", textContent: LABEL[type] });
       button.dataset.ack = type;
       button.addEventListener("click", () => this.acknowledge(gesture.id, type));
-      ack.append(button);
+      back.append(button);
     }
-    li.append(ack);
+    li.append(el("div", { className: "ack" }, only, back));
     this.received.set(gesture.id, li);
     this.$(".received").prepend(li);
   }
@@ -359,7 +387,9 @@ class Pane {
     const li = this.received.get(gestureId);
     if (!li) return;
     li.dataset.acknowledged = "true";
-    const text = response ? `✓ acknowledged; you sent back ${LABEL[response.gesture_type]}` : "✓ acknowledged";
+    const text = response
+      ? `✓ acknowledged; you sent back ${LABEL[response.gesture_type]}`
+      : "✓ acknowledged; nothing sent back";
     li.querySelector(".ack").replaceWith(el("div", { className: "marks" }, el("span", { className: "on", textContent: text })));
   }
 }
