@@ -235,8 +235,12 @@ class WSProtocol(asyncio.Protocol):
 
     Promises, as uvicorn's `--ws wsproto` keeps them (tests/test_wsserver.py checks them):
     RFC 6455 framing for a server (client frames must be masked, else 1002; RSV bits,
-    unknown opcodes and bad control frames: 1002; text that is not UTF-8: 1007; a message
-    over `--ws-max-size` bytes: 1009, refused as soon as its header says so); ping answered
+    unknown opcodes, bad control frames and a 64-bit length with its top bit set: 1002;
+    text that is not UTF-8: 1007, in a fragmented message at the fragment that holds the bad
+    sequence; a message over `--ws-max-size` bytes: 1009, refused as soon as its header says
+    so); the opening handshake of RFC 6455 4.2.1 (an HTTP/1.1 GET with Host, Connection:
+    Upgrade and a key that is base64 of 16 bytes, else 400; a version other than 13: 426
+    naming 13; bench/wsconformance.py holds the cases); ping answered
     with pong; a close answered with a close of the same code; the ASGI `websocket` scope and
     messages, incl. a denial (403, or the app's own `websocket.http.response`); reading is
     paused while the app has a message it has not taken, and `send` waits while the
@@ -300,7 +304,8 @@ class WSProtocol(asyncio.Protocol):
         self.scope: dict | None = None
         self.key = b""  # Sec-WebSocket-Key, until the accept
         self.buffer = b""  # bytes of a frame not complete yet
-        # [opcode, bytes so far, pieces, UTF-8 decoder, text so far] of a fragmented message
+        # [opcode, bytes (binary) or text (a list of str) so far, pieces, UTF-8 decoder (text
+        # only), bytes received] of a fragmented message
         self.fragments: list | None = None
         self.inbox: deque = deque()  # ASGI messages the app has not taken yet
         self.waiter: asyncio.Future | None = None  # the app waiting in receive()
@@ -490,7 +495,7 @@ class WSProtocol(asyncio.Protocol):
             if opcode >= 0x8:
                 if size > 125 or not b0 & 0x80:
                     raise _ProtocolError(1002, "bad control frame")
-            elif size > limit or (self.fragments and len(self.fragments[1]) + size > limit):
+            elif size > limit or (self.fragments and self.fragments[4] + size > limit):
                 raise _ProtocolError(1009, f"message over {limit} bytes")
             if end - at < head + size:
                 break
@@ -525,15 +530,17 @@ class WSProtocol(asyncio.Protocol):
                 raise _ProtocolError(1002, "continuation without a message")
             # The pieces join as they come (memory: the bytes, whatever their number), and
             # their number is bounded too: empty pieces would otherwise never end a message.
-            fragments[1] += payload
             fragments[2] += 1
+            fragments[4] += len(payload)
             if fragments[2] > _MAX_PIECES:
                 raise _ProtocolError(1009, f"message in over {_MAX_PIECES} pieces")
-            if fragments[3] is not None:
+            if fragments[3] is None:
+                fragments[1] += payload
+            else:
                 # Text is checked piece by piece (RFC 6455 8.1: fail as soon as it is known
                 # not to be UTF-8); a character split across two pieces waits in the decoder.
                 try:
-                    fragments[4].append(fragments[3].decode(payload, bool(fin)))
+                    fragments[1].append(fragments[3].decode(payload, bool(fin)))
                 except UnicodeDecodeError:
                     raise _ProtocolError(1007, "text frame that is not UTF-8") from None
             if not fin:
@@ -541,7 +548,7 @@ class WSProtocol(asyncio.Protocol):
             opcode = fragments[0]
             self.fragments = None
             if opcode == 0x1:
-                text = "".join(fragments[4])
+                text = "".join(fragments[1])
             else:
                 payload = bytes(fragments[1])
         elif opcode in (0x1, 0x2):
@@ -550,14 +557,15 @@ class WSProtocol(asyncio.Protocol):
             if not fin:
                 # Only a fragmented message gets a decoder, and only while it lasts: a whole
                 # text frame is decoded once, below.
-                decoder = parts = None
                 if opcode == 0x1:
                     decoder = _utf8_decoder()
                     try:
-                        parts = [decoder.decode(payload)]
+                        data = [decoder.decode(payload)]
                     except UnicodeDecodeError:
                         raise _ProtocolError(1007, "text frame that is not UTF-8") from None
-                self.fragments = [opcode, bytearray(payload), 1, decoder, parts]
+                    self.fragments = [opcode, data, 1, decoder, len(payload)]
+                else:
+                    self.fragments = [opcode, bytearray(payload), 1, None, len(payload)]
                 return
         else:
             raise _ProtocolError(1002, f"unknown opcode {opcode}")
