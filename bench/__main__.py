@@ -1,5 +1,6 @@
 """`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster,socketio]`,
-and `python -m bench chaos [--quick]` (see `bench/chaos.py`).
+`python -m bench chaos [--quick]` (see `bench/chaos.py`), and `python -m bench conformance`
+(RFC 6455 cases against ours and `--ws wsproto`, see `bench/wsconformance.py`).
 
 Starts its own database, two service processes and the load generators, runs the steps,
 prints a table per step, writes every figure as JSON, and cleans up even on Ctrl-C.
@@ -59,6 +60,10 @@ def _machine() -> dict:
 
 
 def main() -> int:
+    if sys.argv[1:2] == ["conformance"]:
+        from . import wsconformance
+
+        return wsconformance.main(*sys.argv[2:3])
     if sys.argv[1:2] == ["chaos"]:
         from . import chaos
 

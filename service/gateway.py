@@ -9,7 +9,8 @@ How errors reach the client:
 
 | what                                   | how                                      |
 |----------------------------------------|------------------------------------------|
-| bad or missing token                   | close 4401                               |
+| bad or missing token (checked first)   | close 4401                               |
+| relationship_id missing or not a UUID  | close 4400 (a bad token too: 4401)       |
 | token expired while connected          | close 4401, within 2 s of `exp`          |
 | not a partner, unknown relationship    | close 4403                               |
 | partner removed by PUT /api/relationships | close 4403, on every process, at once |
@@ -83,6 +84,7 @@ from .wsserver import direct_writer
 
 log = logging.getLogger(__name__)
 
+BAD_REQUEST = 4400
 UNAUTHORIZED = 4401
 FORBIDDEN = 4403
 TRY_AGAIN_LATER = 1013
@@ -339,13 +341,16 @@ class Gateway:
 
     async def endpoint(self, ws: WebSocket) -> None:
         token = ws.query_params.get("token") or bearer(ws.headers.get("authorization"))
+        # The token first: a caller who cannot say who they are learns nothing of the
+        # rest of the request, as over HTTP (401 before 422).
         try:
             caller = self._verify(token)
-            relationship_id = uuid.UUID(ws.query_params.get("relationship_id", ""))
         except errors.Unauthenticated as exc:
             return await _refuse(ws, UNAUTHORIZED, exc.message)
+        try:
+            relationship_id = uuid.UUID(ws.query_params.get("relationship_id", ""))
         except ValueError:
-            return await _refuse(ws, FORBIDDEN, "relationship_id must be a UUID")
+            return await _refuse(ws, BAD_REQUEST, "relationship_id must be a UUID")
         if self.closing:
             return await _refuse(ws, SERVICE_RESTART, "shutting down")
         changes = self._gestures.changes

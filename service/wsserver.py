@@ -26,6 +26,8 @@ service.wsserver:WSProtocol` (the project's commands do).
 
 import asyncio
 import base64
+import binascii
+import codecs
 import hashlib
 import logging
 import struct
@@ -202,6 +204,19 @@ def _close_frame(code: int, reason: str = "") -> bytes:
     return _frame(0x8, struct.pack("!H", code) + cut)
 
 
+def _valid_key(key: bytes | None) -> bool:
+    """Whether a Sec-WebSocket-Key is base64 of 16 bytes (RFC 6455 4.2.1, item 5)."""
+    if not key or len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key, validate=True)) == 16
+    except binascii.Error:
+        return False
+
+
+_utf8_decoder = codecs.getincrementaldecoder("utf-8")
+
+
 class _ProtocolError(Exception):
     def __init__(self, code: int, reason: str) -> None:
         self.code = code
@@ -220,8 +235,12 @@ class WSProtocol(asyncio.Protocol):
 
     Promises, as uvicorn's `--ws wsproto` keeps them (tests/test_wsserver.py checks them):
     RFC 6455 framing for a server (client frames must be masked, else 1002; RSV bits,
-    unknown opcodes and bad control frames: 1002; text that is not UTF-8: 1007; a message
-    over `--ws-max-size` bytes: 1009, refused as soon as its header says so); ping answered
+    unknown opcodes, bad control frames and a 64-bit length with its top bit set: 1002;
+    text that is not UTF-8: 1007, in a fragmented message at the fragment that holds the bad
+    sequence; a message over `--ws-max-size` bytes: 1009, refused as soon as its header says
+    so); the opening handshake of RFC 6455 4.2.1 (an HTTP/1.1 GET with Host, Connection:
+    Upgrade and a key that is base64 of 16 bytes, else 400; a version other than 13: 426
+    naming 13; bench/wsconformance.py holds the cases); ping answered
     with pong; a close answered with a close of the same code; the ASGI `websocket` scope and
     messages, incl. a denial (403, or the app's own `websocket.http.response`); reading is
     paused while the app has a message it has not taken, and `send` waits while the
@@ -285,7 +304,9 @@ class WSProtocol(asyncio.Protocol):
         self.scope: dict | None = None
         self.key = b""  # Sec-WebSocket-Key, until the accept
         self.buffer = b""  # bytes of a frame not complete yet
-        self.fragments: list | None = None  # [opcode, bytes so far, pieces] of a message
+        # [opcode, bytes (binary) or text (a list of str) so far, pieces, UTF-8 decoder (text
+        # only), bytes received] of a fragmented message
+        self.fragments: list | None = None
         self.inbox: deque = deque()  # ASGI messages the app has not taken yet
         self.waiter: asyncio.Future | None = None  # the app waiting in receive()
         self.write_paused: asyncio.Future | None = None
@@ -370,6 +391,7 @@ class WSProtocol(asyncio.Protocol):
         target = target.rpartition(b" ")[0]
         headers = []
         key = version = None
+        host = False
         upgrade = b""
         subprotocols: list[str] = []
         for line in lines[1:]:
@@ -383,6 +405,8 @@ class WSProtocol(asyncio.Protocol):
                 version = value
             elif name == b"connection":
                 upgrade += b"," + value.lower()
+            elif name == b"host":
+                host = True
             elif name == b"sec-websocket-protocol":
                 subprotocols += [p.strip() for p in value.decode("latin-1").split(",") if p.strip()]
         raw_path, _, query = target.partition(b"?")
@@ -408,7 +432,15 @@ class WSProtocol(asyncio.Protocol):
             self.transport.close()
             return
         tokens = [token.strip() for token in upgrade.split(b",")]
-        if method != b"GET" or not key or b"upgrade" not in tokens:
+        # RFC 6455 4.2.1: an HTTP/1.1 GET with Host, Connection: Upgrade, and a key that is
+        # base64 of 16 bytes; anything else is a 400 (4.2.2).
+        if (
+            method != b"GET"
+            or not lines[0].endswith(b" HTTP/1.1")
+            or not host
+            or not _valid_key(key)
+            or b"upgrade" not in tokens
+        ):
             self._respond(400, b"Bad WebSocket upgrade request")
             self.transport.close()
             return
@@ -453,6 +485,8 @@ class WSProtocol(asyncio.Protocol):
                     break
                 size = int.from_bytes(data[at + 2 : at + 10], "big")
                 head = 14
+                if size >> 63:  # RFC 6455 5.2: the most significant bit MUST be 0
+                    raise _ProtocolError(1002, "64-bit length with the top bit set")
             opcode = b0 & 0x0F
             if b0 & 0x70:
                 raise _ProtocolError(1002, "reserved bits set")
@@ -461,7 +495,7 @@ class WSProtocol(asyncio.Protocol):
             if opcode >= 0x8:
                 if size > 125 or not b0 & 0x80:
                     raise _ProtocolError(1002, "bad control frame")
-            elif size > limit or (self.fragments and len(self.fragments[1]) + size > limit):
+            elif size > limit or (self.fragments and self.fragments[4] + size > limit):
                 raise _ProtocolError(1009, f"message over {limit} bytes")
             if end - at < head + size:
                 break
@@ -489,31 +523,57 @@ class WSProtocol(asyncio.Protocol):
             if self.pending_ping_payload is not None and payload == self.pending_ping_payload:
                 self.pending_ping_payload = None
             return
+        text = None
         if opcode == 0x0:
-            if self.fragments is None:
+            fragments = self.fragments
+            if fragments is None:
                 raise _ProtocolError(1002, "continuation without a message")
             # The pieces join as they come (memory: the bytes, whatever their number), and
             # their number is bounded too: empty pieces would otherwise never end a message.
-            self.fragments[1] += payload
-            self.fragments[2] += 1
-            if self.fragments[2] > _MAX_PIECES:
+            fragments[2] += 1
+            fragments[4] += len(payload)
+            if fragments[2] > _MAX_PIECES:
                 raise _ProtocolError(1009, f"message in over {_MAX_PIECES} pieces")
+            if fragments[3] is None:
+                fragments[1] += payload
+            else:
+                # Text is checked piece by piece (RFC 6455 8.1: fail as soon as it is known
+                # not to be UTF-8); a character split across two pieces waits in the decoder.
+                try:
+                    fragments[1].append(fragments[3].decode(payload, bool(fin)))
+                except UnicodeDecodeError:
+                    raise _ProtocolError(1007, "text frame that is not UTF-8") from None
             if not fin:
                 return
-            opcode, joined, _ = self.fragments
+            opcode = fragments[0]
             self.fragments = None
-            payload = bytes(joined)
+            if opcode == 0x1:
+                text = "".join(fragments[1])
+            else:
+                payload = bytes(fragments[1])
         elif opcode in (0x1, 0x2):
             if self.fragments is not None:
                 raise _ProtocolError(1002, "a new message inside a fragmented one")
             if not fin:
-                self.fragments = [opcode, bytearray(payload), 1]
+                # Only a fragmented message gets a decoder, and only while it lasts: a whole
+                # text frame is decoded once, below.
+                if opcode == 0x1:
+                    decoder = _utf8_decoder()
+                    try:
+                        data = [decoder.decode(payload)]
+                    except UnicodeDecodeError:
+                        raise _ProtocolError(1007, "text frame that is not UTF-8") from None
+                    self.fragments = [opcode, data, 1, decoder, len(payload)]
+                else:
+                    self.fragments = [opcode, bytearray(payload), 1, None, len(payload)]
                 return
         else:
             raise _ProtocolError(1002, f"unknown opcode {opcode}")
         if self.close_sent:
             return  # closing: what arrives now is dropped, as after a close frame
-        if opcode == 0x1:
+        if text is not None:
+            message = {"type": "websocket.receive", "text": text}
+        elif opcode == 0x1:
             try:
                 message = {"type": "websocket.receive", "text": payload.decode()}
             except UnicodeDecodeError:
@@ -731,6 +791,18 @@ except ImportError:  # pragma: no cover (httptools is part of uvicorn[standard])
     from uvicorn.protocols.http.h11_impl import H11Protocol as _HttpProtocol
 
 
+class _UvicornHttp(_HttpProtocol):
+    """uvicorn's HTTP protocol, but an upgrade it parsed from an HTTP/1.0 request is a 400
+    (RFC 6455 4.2.1): uvicorn writes every request out again as HTTP/1.1 for `--ws`, which
+    could then not tell."""
+
+    def handle_websocket_upgrade(self, *args) -> None:
+        if self.scope.get("http_version") != "1.1":
+            self.send_400_response("A WebSocket upgrade needs HTTP/1.1")
+            return
+        super().handle_websocket_upgrade(*args)
+
+
 class HttpProtocol(asyncio.Protocol):
     """uvicorn's `--http`: what a connection is before its first request says what it is.
 
@@ -778,7 +850,7 @@ class HttpProtocol(asyncio.Protocol):
             )
             self.server_state.total_requests += 1
         else:
-            protocol = _HttpProtocol(
+            protocol = _UvicornHttp(
                 config=self.config,
                 server_state=self.server_state,
                 app_state=self.app_state,

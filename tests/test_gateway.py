@@ -75,12 +75,28 @@ async def test_a_refused_partner_id_is_named_in_the_close_reason(server: InProce
         assert ws.close_reason.startswith("partner_id:"), ws.close_reason
 
 
-async def test_an_unknown_or_malformed_relationship_is_closed_with_4403(
+async def test_an_unknown_relationship_is_closed_with_4403(server: InProcess, couple: Couple):
+    code, frames = await refused(server.ws_url, uuid.uuid4(), couple.a_token)
+    assert (code, frames) == (4403, [])
+
+
+async def test_a_missing_or_malformed_relationship_id_is_closed_with_4400(
     server: InProcess, couple: Couple
 ):
-    for rel in [uuid.uuid4(), "not-a-uuid"]:
+    for rel in ["not-a-uuid", "", f"{couple.id}x"]:
         code, frames = await refused(server.ws_url, rel, couple.a_token)
-        assert (code, frames) == (4403, [])
+        assert (code, frames) == (4400, []), rel
+    ws = await ws_connect(f"{server.ws_url}?token={couple.a_token}")  # no relationship_id
+    client = Client(ws)
+    assert (await client.closed_with(), client.seen) == (4400, [])
+    assert ws.close_reason == "relationship_id must be a UUID"
+
+
+async def test_a_bad_token_wins_over_a_bad_relationship_id(server: InProcess, couple: Couple):
+    """Both wrong: 4401, the token is checked first (as over HTTP, 401 before 422)."""
+    for rel in ["not-a-uuid", ""]:
+        code, frames = await refused(server.ws_url, rel, "not-a-jwt")
+        assert (code, frames) == (4401, []), rel
 
 
 async def test_the_token_may_come_in_an_authorization_header(server: InProcess, couple: Couple):
