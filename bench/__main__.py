@@ -1,4 +1,5 @@
-"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster,socketio]`,
+"""`python -m bench [--quick] [--out FILE] [--only write,delivery,fanout,...,cluster,socketio]
+[--own-servers] [--profile [DIR]] [--delivery-rates 1000,...]`,
 `python -m bench chaos [--quick]` (see `bench/chaos.py`), and `python -m bench conformance`
 (RFC 6455 cases against ours and `--ws wsproto`, see `bench/wsconformance.py`).
 
@@ -7,6 +8,7 @@ prints a table per step, writes every figure as JSON, and cleans up even on Ctrl
 """
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -18,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from . import cluster, peer, steps
+from . import breakdown, cluster, peer, steps
 from .infra import ROOT, Bench, free_port
 
 STEPS = {
@@ -72,12 +74,38 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="small and short: under 2 minutes")
     ap.add_argument("--out", default="bench/results/latest.json", help="where the JSON goes")
     ap.add_argument("--only", default=",".join(STEPS), help="comma-separated steps to run")
+    ap.add_argument(
+        "--own-servers",
+        action="store_true",
+        help="a PostgreSQL (with pg_stat_statements) and a Redis of the bench's own, so the "
+        "delivery step's per-gesture WAL, Redis and server CPU are the bench's alone",
+    )
+    ap.add_argument(
+        "--profile",
+        nargs="?",
+        const="auto",
+        help="py-spy both service processes during the delivery step's --profile-rate; folded "
+        "stacks and summaries in DIR (default bench/results/profile-<time>)",
+    )
+    ap.add_argument("--profile-rate", type=int, default=1000, help="delivery rate to profile")
+    ap.add_argument("--delivery-rates", help="comma-separated offered rates for `delivery`")
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in STEPS]
     if unknown:
         ap.error(f"unknown step(s) {unknown}; choose from {list(STEPS)}")
     plan = steps.Plan.make(args.quick)
+    if args.delivery_rates:
+        plan.delivery_rates = [int(x) for x in args.delivery_rates.split(",") if x.strip()]
+    if args.profile:
+        plan.profile_rate = args.profile_rate
+        plan.profile_dir = (
+            str(ROOT / "bench" / "results" / time.strftime("profile-%Y%m%d-%H%M%S"))
+            if args.profile == "auto"
+            else args.profile
+        )
+        if plan.profile_rate not in plan.delivery_rates:
+            ap.error(f"--profile-rate {plan.profile_rate} is not among {plan.delivery_rates}")
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -94,9 +122,25 @@ def main() -> int:
         f"x{result['machine']['cores']}, load {result['machine']['loadavg_at_start']}"
     )
     code = 0
-    bench = Bench(args.quick)
+    own = None
     try:
+        if args.own_servers:
+            from .servers import OwnServers
+
+            own = OwnServers().__enter__()
+            bench = Bench(args.quick, admin_dsn=own.admin_dsn, redis_url=own.redis_url)
+        else:
+            bench = Bench(args.quick)
         with bench:
+            bench.pg_stat_statements = breakdown.enable_pg_stat_statements(bench.admin_dsn)
+            where = "the bench's own" if own else f"shared, {bench.admin_dsn}"
+            result["servers"] = {
+                "own": bool(own),
+                "postgres": breakdown.pg_settings(bench.admin_dsn),
+                "pg_stat_statements": bench.pg_stat_statements,
+                "redis_url": bench.redis_url,
+            }
+            breakdown.print_pg_settings(result["servers"]["postgres"], where)
             ports = [free_port(), free_port()]
             bench.start_service("p1", ports[0])
             bench.start_service("p2", ports[1])
@@ -128,6 +172,9 @@ def main() -> int:
         result["failures"]["interrupted"] = True
         code = 130
     finally:
+        if own is not None:
+            with contextlib.suppress(Exception):
+                own.stop()
         result["elapsed_s"] = round(time.time() - started, 1)
         out_path.write_text(json.dumps(result, indent=1, default=str))
         print(f"\nbench: {result['elapsed_s']} s; figures in {out_path}")

@@ -301,12 +301,19 @@ class CpuMeter:
 
 
 class Bench:
-    def __init__(self, quick: bool) -> None:
+    def __init__(
+        self, quick: bool, admin_dsn: str | None = None, redis_url: str | None = None
+    ) -> None:
         self.quick = quick
         tag = secrets.token_hex(4)
         self.db = f"bench_{tag}"
-        self.dsn = _dsn_with_db(PG_ADMIN_DSN, self.db)
-        self.redis_url = REDIS_URL
+        # The shared servers unless told otherwise (`--own-servers`: bench.servers).
+        self.admin_dsn = admin_dsn or PG_ADMIN_DSN
+        self.dsn = _dsn_with_db(self.admin_dsn, self.db)
+        self.redis_url = redis_url or REDIS_URL
+        self.own_servers = admin_dsn is not None
+        # Readable on this server (set by __main__ when the server preloads the library).
+        self.pg_stat_statements = False
         self.redis_cluster = False  # the cluster step points the services at a cluster
         self.channel_prefix = f"bench-{tag}:gestures:"
         self.presence_prefix = f"bench-{tag}:presence:"
@@ -374,7 +381,7 @@ class Bench:
     async def _admin(self, sql: str) -> None:
         import asyncpg
 
-        conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
+        conn = await asyncpg.connect(self.admin_dsn, timeout=10)
         try:
             await conn.execute(sql)
         finally:
@@ -509,7 +516,7 @@ class Bench:
         async def run():
             import asyncpg
 
-            conn = await asyncpg.connect(PG_ADMIN_DSN, timeout=10)
+            conn = await asyncpg.connect(self.admin_dsn, timeout=10)
             try:
                 limit = int(await conn.fetchval("SHOW max_connections"))
                 reserved = int(await conn.fetchval("SHOW superuser_reserved_connections"))

@@ -9,8 +9,8 @@ node's own client. The rates rise as in `delivery` and `fanout`; the step finds 
 rate socket.io holds with every message delivered and p99 within each of our two bounds
 (50 ms for persisted delivery, 20 ms for fan-out) and prints our figures as ratios to it.
 
-Ours come from this run's `delivery` and `fanout` steps or, when they did not run, from the
-latest figures in `bench/results/*.json` (the table says which). The packages are installed
+Ours come from this run's `delivery` and `fanout` steps only: a step that did not run gives
+no ratio ("—"), never a figure from another results file. The packages are installed
 by `npm ci` into `bench/socketio/node_modules` (git-ignored), exact versions in
 `package.json` and `package-lock.json`. Without node, npm or redis-server the step is skipped
 with a message.
@@ -22,7 +22,6 @@ import shutil
 import subprocess
 import time
 import urllib.request
-from datetime import datetime
 from pathlib import Path
 
 import psutil
@@ -33,7 +32,6 @@ from .report import percentiles, table
 from .steps import Plan, _ready_all, _report_all, _split, _wait_received
 
 DIR = ROOT / "bench" / "socketio"
-RESULTS = ROOT / "bench" / "results"
 PACKAGES = ["socket.io", "@socket.io/redis-adapter", "redis", "socket.io-client"]
 BOUNDS = {"delivery": 50.0, "fanout": 20.0}  # p99 ms, as our steps hold them
 RELS = 200  # couples, as in `delivery`
@@ -148,40 +146,21 @@ def _held_summary(step: dict) -> dict:
     }
 
 
-def _started(d: dict) -> float:
-    try:
-        return datetime.strptime(d["started"], "%Y-%m-%dT%H:%M:%S%z").timestamp()
-    except (KeyError, TypeError, ValueError):
-        return 0.0
-
-
 def ours(b: Bench, name: str) -> dict:
-    """Our figure for `name` (delivery or fanout): this run's, else the latest on disk."""
+    """Our figure for `name` (delivery or fanout), from this run only.
+
+    A step that did not run (or failed) gives no figure, and so no ratio: a figure from
+    another results file was measured on another day, under another load, and dividing it
+    by this run's socket.io figure compares two machines' moods, not two designs."""
     step = b.results.get(name)
     if isinstance(step, dict) and "highest_held_per_s" in step:
-        return {**_held_summary(step), "source": "this run"}
-    best = None
-    for path in sorted(RESULTS.glob("*.json")):
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        s = d.get("steps", {}).get(name)
-        if not isinstance(s, dict) or "highest_held_per_s" not in s:
-            continue
-        if best is None or _started(d) > _started(best[1]):
-            best = (path, d, s)
-    if best is None:
-        return {
-            "held_per_s": None,
-            "lower_bound": False,
-            "lowest_offered_per_s": None,
-            "source": "none found",
-        }
-    path, d, s = best
+        return {**_held_summary(step), "source": "this run", "ran": True}
     return {
-        **_held_summary(s),
-        "source": f"{path.relative_to(ROOT)} ({d.get('mode')} run of {d.get('started')})",
+        "held_per_s": None,
+        "lower_bound": False,
+        "lowest_offered_per_s": None,
+        "source": f"not run: add {name} to --only",
+        "ran": False,
     }
 
 
@@ -344,7 +323,9 @@ def socketio(b: Bench, plan: Plan, ports: list[int]) -> dict:
         mine = ours(b, name)
         theirs = held[name]
         ratio = below = None
-        if mine["held_per_s"] is not None and theirs:
+        if not mine["ran"]:
+            pass  # no figure of ours in this run: no ratio
+        elif mine["held_per_s"] is not None and theirs:
             ratio = round(mine["held_per_s"] / theirs, 3)
         elif mine["lowest_offered_per_s"] and theirs:
             # Ours held not even its lowest rate: the ratio is below lowest / theirs.
@@ -362,6 +343,7 @@ def socketio(b: Bench, plan: Plan, ports: list[int]) -> dict:
                 "ratio_below": below,
                 "ours_lowest_offered_per_s": mine["lowest_offered_per_s"],
                 "label": label,
+                "ours_ran": mine["ran"],
             }
         )
 
@@ -373,7 +355,7 @@ def socketio(b: Bench, plan: Plan, ports: list[int]) -> dict:
     def ratio_cell(c: dict) -> str:
         if c["ratio"] is not None:
             return f"{c['ratio']:.2f}x"
-        return f"< {c['ratio_below']:.2f}x" if c["ratio_below"] is not None else "-"
+        return f"< {c['ratio_below']:.2f}x" if c["ratio_below"] is not None else "—"
 
     print(
         table(
@@ -383,7 +365,9 @@ def socketio(b: Bench, plan: Plan, ports: list[int]) -> dict:
                 [
                     c["label"],
                     f"{c['p99_bound_ms']:.0f} ms",
-                    rate(c["ours_per_s"], c["ours_lower_bound"], c["ours_lowest_offered_per_s"]),
+                    rate(c["ours_per_s"], c["ours_lower_bound"], c["ours_lowest_offered_per_s"])
+                    if c["ours_ran"]
+                    else "—",
                     rate(c["socketio_per_s"], c["socketio_lower_bound"], min(plan.socketio_rates)),
                     ratio_cell(c),
                     c["ours_source"],

@@ -1,10 +1,14 @@
 """The four measurements. Each takes the `Bench` and a `Plan` and returns a dict of figures
 (and prints its table)."""
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
+from . import breakdown
+from .breakdown import IDLE_WINDOW_S, SETTLE_S, Counters
 from .infra import WS_PROTOCOL, Bench, Gen, free_port
 from .report import CPU_HEADERS, cpu_cells, percentiles, table
 
@@ -21,6 +25,10 @@ class Plan:
     )
     delivery_duration: float = 8.0
     delivery_rels: int = 200
+    # `--profile [DIR]`: py-spy samples both service processes during the delivery step's
+    # `profile_rate` (folded stacks and a summary saved in `profile_dir`).
+    profile_dir: str | None = None
+    profile_rate: int = 1000
     fanout_rates: list[int] = field(default_factory=lambda: [1000, 2000, 4000, 7000, 10000, 14000])
     fanout_duration: float = 8.0
     fanout_rels: int = 200
@@ -225,25 +233,46 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
     senders_c = [[ports[0], rid, b.token(a)] for rid, a, _ in rels]
     receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in rels]
     deadline = len(plan.delivery_rates) * (plan.delivery_duration + 40) + 60
+    deadline += (len(plan.delivery_rates) + 1) * SETTLE_S + IDLE_WINDOW_S
     recv = _ws_gens(b, "dlv-recv", receivers_c, 2, deadline)
     send = _ws_gens(b, "dlv-send", senders_c, 2, deadline)
     gens = recv + send
     steps = []
     rows = []
+    per_gesture = []
     held = None
+    idle = None
+    profile = None
+    # Process 1 holds the senders, process 2 the recipients.
+    counters = Counters(b, b.services["p1"].pid, b.services["p2"].pid)
     try:
         for r in _ready_all(recv + send, 60):
             if r["connected"] != r["total"]:
                 raise RuntimeError(f"delivery: only {r['connected']}/{r['total']} connected")
+        # The connects' statistics reach pg_stat_database first; then the background (relay
+        # polls, presence beats) while every socket is up and idle.
+        time.sleep(SETTLE_S)
+        k_idle = counters.snapshot()
+        time.sleep(IDLE_WINDOW_S)
+        last = counters.snapshot()
+        idle = Counters.per_second(k_idle, last)
         for rate in plan.delivery_rates:
             tag = f"d{rate}"
+            k0 = last
+            spies = []
+            if plan.profile_dir and rate == plan.profile_rate:
+                spies = _start_profiles(b, plan)
             c0 = b.cpu.snapshot(gens)
             for g in send:
                 g.send("go", rate=rate / len(send), duration=plan.delivery_duration, tag=tag)
             done = [g.expect("done", plan.delivery_duration + 30) for g in send]
+            t_done = time.time()
             cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
             sent = sum(d["sent"] for d in done)
             _wait_received(recv, tag, sent, 0.3, 5.0)
+            k1 = counters.snapshot()
+            if spies:
+                profile = _finish_profiles(plan, rate, spies)
             reps = _report_all(recv, tag)
             got = sum(r["n"] for r in reps)
             lat = percentiles([x for r in reps for x in r["lat"]])
@@ -263,7 +292,13 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                 "latency_ms": lat,
                 "cpu": cpu,
                 "held": ok,
+                "profiled": bool(spies),
             }
+            # PostgreSQL's statistics reach its views up to 10 s after the load.
+            time.sleep(max(0.0, SETTLE_S - (time.time() - t_done)))
+            last = counters.snapshot()
+            step["per_gesture"] = Counters.per_gesture(k0, k1, last, sent)
+            per_gesture.append({"offered_per_s": rate, **step["per_gesture"]})
             steps.append(step)
             rows.append(
                 [
@@ -306,12 +341,67 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
         )
     )
     print(f"   highest rate held (100% delivered, p99 <= 50 ms): {held}/s (target >= 2000/s)")
+    if any(s["profiled"] for s in steps):
+        print(f"   (the {plan.profile_rate}/s row ran under py-spy, which costs the service CPU)")
+    breakdown.print_breakdown(per_gesture, idle, shared=not b.own_servers)
+    if profile:
+        for name in ("sender", "recipient"):
+            breakdown.print_profile(f"{name} ({profile[name]['process']})", profile[name])
+        print(f"   folded stacks and summaries in {profile['dir']} (speedscope.app opens them)")
     return {
         "relationships": len(rels),
         "steps": steps,
         "highest_held_per_s": held,
         "sender_error_frames": errors,
+        "idle_background_per_s": idle,
+        "servers": "own" if b.own_servers else "shared",
+        "pg_stat_statements": b.pg_stat_statements,
+        "profile": profile,
     }
+
+
+def _start_profiles(b: Bench, plan: Plan) -> list:
+    out = Path(plan.profile_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    return [
+        (
+            name,
+            label,
+            path,
+            breakdown.py_spy(b.services[label].pid, path, plan.delivery_duration),
+        )
+        for name, label in (("sender", "p1"), ("recipient", "p2"))
+        for path in [out / f"delivery-{plan.profile_rate}-{name}-{label}.folded"]
+    ]
+
+
+def _finish_profiles(plan: Plan, rate: int, spies: list) -> dict:
+    res: dict = {"rate_per_s": rate, "dir": plan.profile_dir, "sampling_hz": 100}
+    for name, label, path, proc in spies:
+        try:
+            _, err = proc.communicate(timeout=plan.delivery_duration + 30)
+        except Exception:
+            proc.kill()
+            _, err = proc.communicate()
+        if not path.exists():
+            res[name] = {
+                "process": label,
+                "error": (err or "")[-500:],
+                "self": [],
+                "cumulative": [],
+            }
+            res[name]["samples"] = 0
+            continue
+        res[name] = {"process": label, "file": str(path), **breakdown.summarise(path)}
+    summary = Path(plan.profile_dir) / f"delivery-{rate}-summary"
+    summary.with_suffix(".json").write_text(json.dumps(res, indent=1))
+    summary.with_suffix(".txt").write_text(
+        "".join(
+            breakdown.format_profile(f"{n} ({res[n]['process']}) at {rate}/s", res[n]) + "\n"
+            for n in ("sender", "recipient")
+        )
+    )
+    return res
 
 
 def fanout(b: Bench, plan: Plan, ports: list[int]) -> dict:

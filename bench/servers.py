@@ -1,0 +1,125 @@
+"""`--own-servers`: a PostgreSQL and a Redis of the bench's own, so that what the delivery
+step counts per gesture (WAL, the WAL writer's CPU, Redis commands and CPU) is the bench's
+alone rather than everyone's on the shared servers, and so that `pg_stat_statements` can be
+loaded (it needs `shared_preload_libraries`, which the shared server does not set).
+
+PostgreSQL is initdb'd in a temporary directory (as the `postgres` user when run as root) on
+a free loopback port, with the durability of a stock server (fsync and synchronous_commit
+on; the chaos run turns fsync off, this does not) and the stock memory settings of the
+Debian package (shared_buffers 128MB), `max_connections` 200 for the bench's pools and
+generators, and `pg_stat_statements` preloaded. Redis is a plain `redis-server` without
+persistence, as `bench.cluster` starts one. Both are stopped and deleted at the end.
+"""
+
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from .chaos import _as_postgres, _pg_bin
+from .cluster import _OneRedis
+from .infra import free_port
+
+
+class OwnServers:
+    def __init__(self) -> None:
+        self.tmp = Path(tempfile.mkdtemp(prefix="bench-servers-"))
+        self.tmp.chmod(0o755)  # the postgres user must reach its data directory
+        self.bin = _pg_bin()
+        self.port = free_port()
+        self.data = self.tmp / "pg" / "data"
+        self.pg_started = False
+        self.redis: _OneRedis | None = None
+
+    @property
+    def admin_dsn(self) -> str:
+        return f"postgresql://root@127.0.0.1:{self.port}/postgres"
+
+    @property
+    def redis_url(self) -> str:
+        return self.redis.url
+
+    def __enter__(self) -> "OwnServers":
+        try:
+            self._start_pg()
+            self.redis = _OneRedis(self.tmp)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def _start_pg(self) -> None:
+        pg = self.tmp / "pg"
+        pg.mkdir()
+        log = self.tmp / "postgres.log"
+        log.touch()
+        if _as_postgres([]) != []:
+            shutil.chown(pg, "postgres", "postgres")
+            shutil.chown(log, "postgres", "postgres")
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(self.bin / "initdb"),
+                    "-D",
+                    str(self.data),
+                    "-U",
+                    "root",
+                    "-A",
+                    "trust",
+                    "-E",
+                    "UTF8",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+            cwd="/",
+        )
+        opts = (
+            f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
+            "-c max_connections=200 -c shared_buffers=128MB "
+            "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000 "
+            "-c pg_stat_statements.track_utility=on"
+        )
+        subprocess.run(
+            _as_postgres(
+                [
+                    str(self.bin / "pg_ctl"),
+                    "-D",
+                    str(self.data),
+                    "-l",
+                    str(log),
+                    "-o",
+                    opts,
+                    "-w",
+                    "start",
+                ]
+            ),
+            check=True,
+            capture_output=True,
+            timeout=120,
+            cwd="/",
+        )
+        self.pg_started = True
+
+    def stop(self) -> None:
+        if self.redis is not None:
+            try:
+                self.redis.stop()
+            except Exception:
+                pass
+            self.redis = None
+        if self.pg_started:
+            subprocess.run(
+                _as_postgres(
+                    [str(self.bin / "pg_ctl"), "-D", str(self.data), "-m", "fast", "stop"]
+                ),
+                capture_output=True,
+                timeout=60,
+                cwd="/",
+            )
+            self.pg_started = False
+        shutil.rmtree(self.tmp, ignore_errors=True)
