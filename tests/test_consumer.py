@@ -1,0 +1,203 @@
+"""service.consumer: the durable consumer of the event streams (CONTRACT section 6).
+
+Each test counts the event ids the handler received against the event log in PostgreSQL:
+none may be missing, whatever was killed, trimmed or flushed on the way."""
+
+import asyncio
+import json
+from collections import Counter
+from collections.abc import AsyncIterator
+
+import asyncpg
+import httpx
+import pytest
+import redis.asyncio as aioredis
+
+from service import consumer as consumer_module
+from service.consumer import Consumer, Delivery
+
+from .conftest import (
+    InProcess,
+    Settings,
+    make_couple,
+    make_settings,
+    token,
+)
+from .support_helpers import eventually, send
+
+pytestmark = pytest.mark.anyio
+
+
+class Seen:
+    """A handler that records what it got; it refuses every event whose gesture's note is
+    `poison`."""
+
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.sources: Counter[str] = Counter()
+        self.refused: Counter[str] = Counter()
+
+    async def __call__(self, delivery: Delivery) -> None:
+        event = json.loads(delivery.payload)
+        if event["gesture"]["message"] == "poison":
+            self.refused[delivery.event_id] += 1
+            raise RuntimeError("poison")
+        self.ids.append(delivery.event_id)
+        self.sources["stream" if delivery.entry_id else "api"] += 1
+
+
+async def logged_ids(database_url: str, relationship_ids) -> set[str]:
+    """The event ids of these relationships in the event log, the source of truth."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        rows = await conn.fetch(
+            "SELECT payload FROM gesture_events WHERE relationship_id = any($1::uuid[])",
+            list(relationship_ids),
+        )
+    finally:
+        await conn.close()
+    return {json.loads(r["payload"])["event_id"] for r in rows}
+
+
+@pytest.fixture
+async def service(database_url, redis_url, prefix) -> AsyncIterator[InProcess]:
+    s = InProcess(make_settings(database_url, redis_url, prefix, rate_limit_per_minute=100_000))
+    await s.start()
+    yield s
+    await s.stop()
+
+
+@pytest.fixture
+async def api(service) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=service.url, timeout=10) as client:
+        yield client
+
+
+def make_consumer(s: Settings, api_url: str, group: str, **options) -> Consumer:
+    options.setdefault("claim_idle", 0.3)
+    options.setdefault("block", 0.2)
+    return Consumer(
+        s.redis_url,
+        group=group,
+        streams=s.event_streams,
+        prefix=s.channel_prefix,
+        api_url=api_url,
+        api_token=token(service=True),
+        cluster=s.redis_cluster,
+        **options,
+    )
+
+
+class Running:
+    """A consumer running its loop in a task of the test."""
+
+    def __init__(self, consumer: Consumer, handler) -> None:
+        self.consumer = consumer
+        self.handler = handler
+        self.task: asyncio.Task | None = None
+
+    async def __aenter__(self) -> "Running":
+        await self.consumer.__aenter__()
+        self.task = asyncio.create_task(self.consumer.run(self.handler))
+        return self
+
+    async def stop(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            try:
+                await self.task
+            except asyncio.CancelledError:
+                pass
+        elif self.task is not None:
+            self.task.result()  # a consumer that died: its error fails the test
+        await self.consumer.aclose()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
+
+
+async def send_many(api, couples, n: int) -> None:
+    for i in range(n):
+        c = couples[i % len(couples)]
+        await send(api, c.id, c.a_headers, message=f"m{i}")
+
+
+async def all_seen(handlers, database_url, couples, timeout: float = 15.0) -> set[str]:
+    expected = await logged_ids(database_url, [c.id for c in couples])
+
+    def done() -> bool:
+        got = set().union(*(h.ids for h in handlers))
+        return expected <= got
+
+    try:
+        await eventually(done, timeout=timeout)
+    except TimeoutError:
+        got = set().union(*(h.ids for h in handlers))
+        missing = len(expected - got)
+        raise AssertionError(f"{missing} of {len(expected)} events never handled") from None
+    return expected
+
+
+async def test_two_consumers_of_one_group_split_the_load(service, api, database_url):
+    s = service.settings
+    couples = [await make_couple(database_url) for _ in range(6)]
+    one, two = Seen(), Seen()
+    async with (
+        Running(make_consumer(s, service.url, "split", consumer="one"), one),
+        Running(make_consumer(s, service.url, "split", consumer="two"), two),
+    ):
+        await send_many(api, couples, 40)
+        expected = await all_seen([one, two], database_url, couples)
+    assert one.ids and two.ids, "each consumer got a share"
+    both = one.ids + two.ids
+    assert set(both) == expected
+    assert len(both) == len(set(both)), "an event was handled twice without a failure"
+
+
+async def test_two_groups_each_see_every_event(service, api, database_url):
+    s = service.settings
+    couples = [await make_couple(database_url) for _ in range(3)]
+    mail, push = Seen(), Seen()
+    async with (
+        Running(make_consumer(s, service.url, "mail"), mail),
+        Running(make_consumer(s, service.url, "push"), push),
+    ):
+        await send_many(api, couples, 12)
+        expected = await all_seen([mail], database_url, couples)
+        await all_seen([push], database_url, couples)
+    assert set(mail.ids) == set(push.ids) == expected
+
+
+async def test_a_poison_event_is_dead_lettered_and_the_rest_flows(
+    service, api, database_url, redis_url
+):
+    s = service.settings
+    couple = await make_couple(database_url)
+    key = f"{s.channel_prefix}stream:{{{couple.id.int % s.event_streams}}}"
+    handler = Seen()
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        async with Running(make_consumer(s, service.url, "dl", max_deliveries=3), handler) as r:
+            await send(api, couple.id, couple.a_headers, message="poison")
+            poison = (await logged_ids(database_url, [couple.id])).pop()
+            await send_many(api, [couple], 5)
+            expected = await logged_ids(database_url, [couple.id])
+
+            async def dead() -> list:
+                return await client.xrange(f"{key}:dead")
+
+            entries = await eventually(dead, timeout=15)
+            await eventually(lambda: expected - {poison} <= set(handler.ids), timeout=10)
+            assert (await client.xpending(key, "dl"))["pending"] == 0
+            assert r.consumer.stats["dead_letters"] == 1
+        ((_, fields),) = entries
+        assert json.loads(fields[b"event"])["event_id"] == poison
+        assert fields[b"group"] == b"dl"
+        assert fields[b"deliveries"] == b"3"
+        assert b"poison" in fields[b"error"]
+        assert handler.refused[poison] == 3
+        assert poison not in handler.ids
+        counts = await consumer_module.counts(client, s.channel_prefix, "dl")
+        assert counts["dead_letters"] == 1
+    finally:
+        await client.aclose()
