@@ -227,7 +227,7 @@ class Consumer:
         streams: int = 16,
         prefix: str = "gestures:",
         api_url: str | None = None,
-        api_token: str | None = None,
+        api_token: str | Callable[[], str] | None = None,
         cluster: bool = False,
         since: datetime | None = None,
         claim_idle: float = 30.0,
@@ -279,8 +279,7 @@ class Consumer:
         self._check = self._redis.register_script(_CHECK)
         self._dead_letter = self._redis.register_script(_DEAD_LETTER)
         if self._api_url:
-            headers = {"Authorization": f"Bearer {self._api_token}"} if self._api_token else {}
-            self._http = httpx.AsyncClient(base_url=self._api_url, headers=headers, timeout=10)
+            self._http = httpx.AsyncClient(base_url=self._api_url, timeout=10)
         try:
             for n in range(self._streams):
                 await self._create(n, "$")
@@ -641,7 +640,7 @@ class Consumer:
         params: dict[str, Any] = {"since": _iso(start), "limit": 500}
         handed = 0
         while True:
-            r = await self._http.get("/api/events", params=params)
+            r = await self._http.get("/api/events", params=params, headers=self._auth())
             if r.status_code == 410 and "since" in params:
                 log.error(
                     "events before the log's retention are gone; catching up from its oldest",
@@ -675,6 +674,12 @@ class Consumer:
             "caught up from the event log",
             extra={"group": self.group, "partitions": sorted(partitions), "events": handed},
         )
+
+    def _auth(self) -> dict[str, str]:
+        """A service token: a fixed one, or a fresh one from a callable (a long-running
+        consumer outlives any one token)."""
+        token = self._api_token() if callable(self._api_token) else self._api_token
+        return {"Authorization": f"Bearer {token}"} if token else {}
 
     async def _hand_from_api(self, delivery: Delivery) -> None:
         """An event from the API cannot stay pending: retried here, then dead-lettered."""

@@ -4,7 +4,11 @@ Each test counts the event ids the handler received against the event log in Pos
 none may be missing, whatever was killed, trimmed or flushed on the way."""
 
 import asyncio
+import fcntl
 import json
+import os
+import signal
+import sys
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -17,10 +21,12 @@ from service import consumer as consumer_module
 from service.consumer import Consumer, Delivery
 
 from .conftest import (
+    ROOT,
     InProcess,
     Settings,
     make_couple,
     make_settings,
+    settings_env,
     token,
 )
 from .support_helpers import eventually, send
@@ -116,10 +122,15 @@ class Running:
         await self.stop()
 
 
-async def send_many(api, couples, n: int) -> None:
-    for i in range(n):
-        c = couples[i % len(couples)]
-        await send(api, c.id, c.a_headers, message=f"m{i}")
+async def send_many(api, couples, n: int, together: int = 1) -> None:
+    """Send `n` gestures over the couples, `together` at a time."""
+    for start in range(0, n, together):
+        await asyncio.gather(
+            *(
+                send(api, couples[i % len(couples)].id, couples[i % len(couples)].a_headers)
+                for i in range(start, min(start + together, n))
+            )
+        )
 
 
 async def all_seen(handlers, database_url, couples, timeout: float = 15.0) -> set[str]:
@@ -201,3 +212,125 @@ async def test_a_poison_event_is_dead_lettered_and_the_rest_flows(
         assert counts["dead_letters"] == 1
     finally:
         await client.aclose()
+
+
+# ---------------------------------------------------------------------------- the command
+
+
+class Command:
+    """`python -m service consume` in a process of its own, its stdout read line by line."""
+
+    def __init__(self, s: Settings, api_url: str, group: str, *extra: str) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "service",
+            "consume",
+            "--group",
+            group,
+            "--report-every",
+            "0.5",
+            *extra,
+        ]
+        self.env = {**settings_env(s), "EVENTS_API_URL": api_url}
+        self.lines: list[bytes] = []
+        self.proc: asyncio.subprocess.Process | None = None
+
+    async def start(self, pipe_size: int | None = None) -> None:
+        read, write = os.pipe()
+        if pipe_size is not None:
+            # A small pipe: the command blocks writing while it holds a read batch.
+            fcntl.fcntl(write, fcntl.F_SETPIPE_SZ, pipe_size)
+        self.proc = await asyncio.create_subprocess_exec(
+            *self.args, env=self.env, cwd=ROOT, stdout=write, stderr=asyncio.subprocess.PIPE
+        )
+        os.close(write)
+        loop = asyncio.get_running_loop()
+        # A small buffer too: reading pauses while it is full, as the pipe does.
+        self.stdout = asyncio.StreamReader(limit=2048)
+        await loop.connect_read_pipe(
+            lambda: asyncio.StreamReaderProtocol(self.stdout), os.fdopen(read, "rb")
+        )
+        assert self.proc.stderr is not None
+        async with asyncio.timeout(20):
+            while b"consuming as" not in await self.proc.stderr.readline():
+                pass
+
+    async def read(self, n: int, timeout: float = 15.0) -> None:
+        async with asyncio.timeout(timeout):
+            while len(self.lines) < n:
+                line = await self.stdout.readline()
+                assert line.endswith(b"\n"), "the command's stdout ended"
+                self.lines.append(line)
+
+    def ids(self) -> set[str]:
+        return {json.loads(line)["event_id"] for line in self.lines}
+
+    def kill(self) -> None:
+        assert self.proc is not None
+        self.proc.kill()
+
+
+async def pending_of(redis_url: str, s: Settings, group: str) -> int:
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        total = 0
+        for n in range(s.event_streams):
+            key = f"{s.channel_prefix}stream:{{{n}}}"
+            total += (await client.xpending(key, group))["pending"]
+        return total
+    finally:
+        await client.aclose()
+
+
+async def test_a_consumer_killed_mid_batch_loses_nothing(service, api, database_url, redis_url):
+    """kill -9 of `consume` while it holds a read batch: a second member claims the entries
+    it had not acknowledged; together they printed / handled every event of the log."""
+    s = service.settings
+    couples = [await make_couple(database_url) for _ in range(4)]
+    first = Command(s, service.url, "killed", "--consumer", "first", "--batch", "50")
+    await first.start(pipe_size=4096)
+    try:
+        await send_many(api, couples, 60, together=12)
+        await first.read(5)
+        first.kill()
+        await first.proc.wait()
+    finally:
+        if first.proc.returncode is None:
+            first.kill()
+    assert await pending_of(redis_url, s, "killed") > 0, "killed with nothing pending"
+    first.lines += [  # what the pipe still held was printed before the kill
+        line for line in (await first.stdout.read()).splitlines(True) if line.endswith(b"\n")
+    ]
+    second = Seen()
+    async with Running(make_consumer(s, service.url, "killed", consumer="second"), second):
+        expected = await logged_ids(database_url, [c.id for c in couples])
+        await eventually(lambda: expected <= first.ids() | set(second.ids), timeout=15)
+        await eventually(lambda: pending_of(redis_url, s, "killed") == 0, timeout=10)
+
+
+async def test_consume_prints_each_event_and_stops_on_sigterm_with_all_acknowledged(
+    service, api, database_url, redis_url
+):
+    s = service.settings
+    couples = [await make_couple(database_url) for _ in range(2)]
+    command = Command(s, service.url, "printer")
+    await command.start()
+    try:
+        await send_many(api, couples, 8)
+        expected = await logged_ids(database_url, [c.id for c in couples])
+        await command.read(len(expected))
+        assert command.ids() == expected
+        assert len(command.lines) == len(expected)
+        assert command.proc.stderr is not None
+        async with asyncio.timeout(10):
+            while b"lag=" not in (report := await command.proc.stderr.readline()):
+                pass
+        assert b"group=printer" in report and b"pending=" in report
+        command.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(10):
+            assert await command.proc.wait() == 0
+        assert await pending_of(redis_url, s, "printer") == 0
+    finally:
+        if command.proc.returncode is None:
+            command.kill()
