@@ -306,7 +306,11 @@ async def test_a_consumer_killed_mid_batch_loses_nothing(service, api, database_
     async with Running(make_consumer(s, service.url, "killed", consumer="second"), second):
         expected = await logged_ids(database_url, [c.id for c in couples])
         await eventually(lambda: expected <= first.ids() | set(second.ids), timeout=15)
-        await eventually(lambda: pending_of(redis_url, s, "killed") == 0, timeout=10)
+
+        async def none_pending() -> bool:
+            return await pending_of(redis_url, s, "killed") == 0
+
+        await eventually(none_pending, timeout=10)
 
 
 async def test_consume_prints_each_event_and_stops_on_sigterm_with_all_acknowledged(
