@@ -27,8 +27,10 @@ What it promises, and how:
     id and oldest pending entry, as last observed) less `margin`. A consumer that never
     observed that partition cannot know; it says so.
   - `trimmed`: entries after the group's last-delivered id were trimmed before it read them.
-    Redis 7 says so exactly (`max-deleted-entry-id`); on 6.2 the check is conservative (any
-    room between the group and the first entry left), except for a group at `0-0`. The
+    The check is conservative: there is room for an id between the group's position and the
+    first entry left (7.0's `max-deleted-entry-id` is not moved by trimming, so it cannot
+    make this exact); a group at `0-0` has a gap when 7.0's `entries-added` exceeds the
+    length, and never on 6.2. The
     script moves the group to just before the first entry in the same step, so exactly one
     consumer of the group sees the gap and catches up, over its time range plus `margin`.
   - `behind`: the group's last-delivered id went back below what this consumer observed (a
@@ -147,11 +149,11 @@ for i, key in ipairs(KEYS) do
       local to
       if first then to = pred(first[1]) else to = field(info, 'last-generated-id') end
       local gap = less(last, to)
-      local maxdel = field(info, 'max-deleted-entry-id')
-      if maxdel then
-        gap = gap and less(last, maxdel)
-      elseif last == '0-0' then
-        gap = false
+      if last == '0-0' then
+        -- A group that reads from the start: on 7.0 a gap if anything was ever removed
+        -- (entries-added above the length); 6.2 cannot tell, and says no.
+        local added = field(info, 'entries-added')
+        gap = gap and added ~= nil and added > field(info, 'length')
       end
       if gap then
         redis.call('XGROUP', 'SETID', key, ARGV[1], to)

@@ -338,3 +338,39 @@ async def test_consume_prints_each_event_and_stops_on_sigterm_with_all_acknowled
     finally:
         if command.proc.returncode is None:
             command.kill()
+
+
+# ---------------------------------------------------------------------------- lost positions
+
+
+async def test_a_stream_trimmed_past_a_stopped_group_is_filled_from_the_api_once(
+    service, api, database_url, redis_url
+):
+    """Entries trimmed before the group read them: one of the two members that start notices
+    the gap (atomically with moving the group on) and catches up from GET /api/events."""
+    s = service.settings
+    couple = await make_couple(database_url)
+    key = f"{s.channel_prefix}stream:{{{couple.id.int % s.event_streams}}}"
+    before = Seen()
+    async with Running(make_consumer(s, service.url, "trim"), before):
+        await send_many(api, [couple], 2)
+        await all_seen([before], database_url, [couple])
+    await send_many(api, [couple], 5)  # while the group is stopped
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await eventually(lambda: client.xlen(key), timeout=5)
+        ((last, _),) = await client.xrevrange(key, count=1)
+        ms, seq = last.decode().split("-")
+        await client.xtrim(key, minid=f"{ms}-{int(seq) + 1}")  # everything, as retention would
+        await send_many(api, [couple], 2)
+        one, two = Seen(), Seen()
+        async with (
+            Running(make_consumer(s, service.url, "trim", consumer="one"), one),
+            Running(make_consumer(s, service.url, "trim", consumer="two"), two),
+        ):
+            await all_seen([before, one, two], database_url, [couple])
+        counts = await consumer_module.counts(client, s.channel_prefix, "trim")
+        assert counts == {"catchups": 1, "catchups:trimmed": 1}
+        assert one.sources["api"] + two.sources["api"] >= 5
+    finally:
+        await client.aclose()
