@@ -464,3 +464,37 @@ async def test_redis_restarted_empty_while_events_flow_loses_nothing(
     finally:
         await svc.stop()
         own.kill()
+
+
+@pytest.mark.multiprocess
+async def test_a_cluster_master_killed_during_load_loses_nothing(
+    database_url, prefix, redis_cluster
+):
+    """kill -9 of the master that holds some partitions while gestures flow: its replica
+    takes over, and what it had not got is filled from the API."""
+    s = make_settings(
+        database_url,
+        redis_cluster.url,
+        prefix,
+        redis_cluster=True,
+        rate_limit_per_minute=100_000,
+    )
+    svc = InProcess(s)
+    await svc.start()
+    try:
+        couples = [await make_couple(database_url) for _ in range(8)]
+        seen = Seen()
+        async with (
+            httpx.AsyncClient(base_url=svc.url, timeout=10) as api,
+            Running(make_consumer(s, svc.url, "failover"), seen),
+        ):
+            await send_many(api, couples, 16, together=4)
+            await all_seen([seen], database_url, couples)
+            victim = redis_cluster.node_of(f"{s.channel_prefix}stream:{{{couples[0].id.int % 16}}}")
+            load = asyncio.create_task(send_many(api, couples, 24, together=2))
+            await asyncio.to_thread(redis_cluster.kill, victim)
+            await load
+            await send_many(api, couples, 8, together=4)
+            await all_seen([seen], database_url, couples, timeout=30)
+    finally:
+        await svc.stop()
