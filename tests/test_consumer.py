@@ -173,12 +173,19 @@ async def test_two_groups_each_see_every_event(service, api, database_url):
     couples = [await make_couple(database_url) for _ in range(3)]
     mail, push = Seen(), Seen()
     async with (
-        Running(make_consumer(s, service.url, "mail"), mail),
+        Running(make_consumer(s, service.url, "mail"), mail) as m,
         Running(make_consumer(s, service.url, "push"), push),
     ):
         await send_many(api, couples, 12)
         expected = await all_seen([mail], database_url, couples)
         await all_seen([push], database_url, couples)
+
+        async def settled() -> list:
+            found = await m.consumer.lag()
+            return found if all(p.lag == 0 and p.pending == 0 for p in found) else []
+
+        lags = await eventually(settled, timeout=5)
+        assert len(lags) == s.event_streams and all(p.lag_exact for p in lags)  # Redis 7
     assert set(mail.ids) == set(push.ids) == expected
 
 
