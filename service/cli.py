@@ -29,6 +29,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from . import auth, config, store
 
@@ -55,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         "(DATABASE_URL and REDIS_URL, or .dev/'s)",
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    _consume_parser(sub)
     schema = sub.add_parser("schema", help="write schemas/event.schema.json and openapi.json")
     schema.add_argument("--dir", type=Path, default=Path("schemas"))
     args = parser.parse_args(argv)
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                 return show_status(args.json)
             case "schema":
                 return write_schemas(args.dir)
+            case "consume":
+                return consume_events(args)
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -138,6 +142,7 @@ def dev_server(processes: int, first_port: int) -> int:
         DEV_DIR.mkdir(exist_ok=True)
         (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
         (DEV_DIR / "database_url").write_text(env["DATABASE_URL"])
+        (DEV_DIR / "api_url").write_text(f"http://127.0.0.1:{first_port}")
         migrate(env["DATABASE_URL"])
         ports = [first_port + i for i in range(processes)]
         settings = config.from_env(env)
@@ -399,3 +404,152 @@ def write_schemas(directory: Path) -> int:
     (directory / "openapi.json").write_text(json.dumps(openapi(), indent=2) + "\n")
     print(f"wrote {directory}/event.schema.json and {directory}/openapi.json")
     return 0
+
+
+# ---------------------------------------------------------------------------- consume
+# `consume`: a member of a consumer group of the event streams (service.consumer), printing
+# each event as one JSON line on stdout, acknowledged once printed; its lag on stderr.
+# Like `token` and `watch`, it finds REDIS_URL, JWT_SECRET and the API (`dev` records
+# .dev/api_url) in .dev/ when run from the folder `dev` ran in with nothing set.
+
+if TYPE_CHECKING:
+    from datetime import datetime
+
+    from . import consumer
+
+
+def _consume_parser(sub: "argparse._SubParsersAction") -> None:
+    consume = sub.add_parser(
+        "consume",
+        help="print the events of the streams as a member of a consumer group, one JSON line "
+        "each, acknowledged once printed (REDIS_URL or .dev/'s)",
+    )
+    consume.add_argument("--group", required=True, help="the consumer group")
+    consume.add_argument("--consumer", help="this member's name (default: host-pid)")
+    consume.add_argument(
+        "--since",
+        type=_aware_time,
+        help="first hand over every event since this ISO 8601 time (with offset), from the API",
+    )
+    consume.add_argument(
+        "--claim-idle", type=float, default=30.0, help="claim entries pending this long (s)"
+    )
+    consume.add_argument(
+        "--max-deliveries", type=int, default=5, help="dead-letter an entry delivered this often"
+    )
+    consume.add_argument("--batch", type=int, default=100, help="entries per read")
+    consume.add_argument(
+        "--api-url", help="the service, to catch up from (default EVENTS_API_URL, else .dev/'s)"
+    )
+    consume.add_argument(
+        "--report-every", type=float, default=5.0, help="seconds between lag lines on stderr"
+    )
+
+
+def _aware_time(text: str) -> "datetime":
+    from datetime import datetime
+
+    when = datetime.fromisoformat(text)
+    if when.utcoffset() is None:
+        raise argparse.ArgumentTypeError("give a UTC offset, e.g. 2026-12-04T12:00:00+00:00")
+    return when
+
+
+def consume_events(args: argparse.Namespace) -> int:
+    from . import consumer, logs
+
+    logs.configure()
+    redis_url = _env_or_dev("REDIS_URL")
+    try:
+        cluster = config.boolean(os.environ.get("REDIS_CLUSTER") or "false")
+        streams = int(os.environ.get("EVENT_STREAMS") or 16)
+    except ValueError:
+        raise config.ConfigError(
+            "REDIS_CLUSTER must be true or false, EVENT_STREAMS a number"
+        ) from None
+    api_url = args.api_url or os.environ.get("EVENTS_API_URL")
+    if not api_url and (DEV_DIR / "api_url").exists():
+        api_url = (DEV_DIR / "api_url").read_text().strip()
+    secret = None
+    if api_url:
+        secret = os.environ.get("JWT_SECRET") or _dev_secret(create=False)
+    else:
+        print(
+            "warning: no --api-url, EVENTS_API_URL or .dev/api_url: a lost position cannot "
+            "be filled from the event log",
+            file=sys.stderr,
+            flush=True,
+        )
+    member = consumer.Consumer(
+        redis_url,
+        group=args.group,
+        consumer=args.consumer,
+        streams=streams,
+        prefix=os.environ.get("CHANNEL_PREFIX", "gestures:"),
+        api_url=api_url,
+        api_token=(lambda: auth.issue(secret, service=True, ttl=600)) if secret else None,
+        cluster=cluster,
+        since=args.since,
+        claim_idle=args.claim_idle,
+        max_deliveries=args.max_deliveries,
+        batch=args.batch,
+    )
+    return asyncio.run(_consume(member, args.report_every))
+
+
+async def _consume(member: "consumer.Consumer", report_every: float) -> int:
+    out = sys.stdout.buffer
+
+    async def show(delivery: "consumer.Delivery") -> None:
+        # Written and flushed before the handler returns: what is acknowledged was printed.
+        out.write(delivery.payload + b"\n")
+        out.flush()
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    async with member:
+        print(
+            f"consuming as {member.name} in group {member.group}; SIGTERM or Ctrl-C stops",
+            file=sys.stderr,
+            flush=True,
+        )
+        runner = asyncio.create_task(member.run(show))
+        reporter = asyncio.create_task(_report_lag(member, report_every))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait([runner, stopping], return_when=asyncio.FIRST_COMPLETED)
+        for task in (runner, reporter, stopping):
+            task.cancel()
+        await asyncio.gather(runner, reporter, stopping, return_exceptions=True)
+        if not stop.is_set() and runner.exception() is not None:
+            print(f"error: the consumer stopped: {runner.exception()!r}", file=sys.stderr)
+            return 1
+    return 0
+
+
+async def _report_lag(member: "consumer.Consumer", every: float) -> None:
+    """One line on stderr every `every` seconds: the group's lag, pending, and the rate."""
+    from . import bus
+
+    handled, at = member.stats["handled"], time.monotonic()
+    while True:
+        await asyncio.sleep(every)
+        now = time.monotonic()
+        rate = (member.stats["handled"] - handled) / (now - at)
+        handled, at = member.stats["handled"], now
+        try:
+            found = await member.lag()
+            known = [p.lag for p in found if p.lag is not None]
+            lag = str(sum(known)) if len(known) == len(found) else "unknown"
+            if not all(p.lag_exact for p in found) and lag != "unknown":
+                lag = f"~{lag}"
+            pending = str(sum(p.pending for p in found))
+        except bus.REDIS_ERRORS as exc:
+            lag = pending = f"unknown ({type(exc).__name__})"
+        print(
+            f"group={member.group} consumer={member.name} lag={lag} pending={pending} "
+            f"events/s={rate:.1f}",
+            file=sys.stderr,
+            flush=True,
+        )
