@@ -691,7 +691,9 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
         "offline_s": list(plan.offline_s),
         "deadline": int(plan.deadline_s),
     }
-    load = Gen(rig, "load", {"mode": "chaos", **cfg})
+    load = Gen(
+        rig, "load", {"mode": "chaos", **cfg}, argv=[sys.executable, "-m", "bench.chaos_load"]
+    )
     rig.gens.append(load)
     ready = load.expect("ready", 60)
     devices = sum(c["a"]["devices"] + c["b"]["devices"] for c in couples)
