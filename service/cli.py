@@ -18,6 +18,7 @@ the same folder with nothing set.
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import secrets
@@ -35,23 +36,95 @@ from . import auth, config, store
 DEV_DIR = Path(".dev")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply the migrations in sql/ to DATABASE_URL")
-    dev = sub.add_parser("dev", help="run the service locally, embedded servers if needed")
-    dev.add_argument("--processes", type=int, default=2)
-    dev.add_argument("--port", type=int, default=8000, help="first port; one per process")
-    token = sub.add_parser("token", help="print a signed token (JWT_SECRET or .dev/'s)")
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    try:
+        return importlib.metadata.version("gesture-service")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, the description's paragraphs kept."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line for line in text.splitlines())
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # A flag's False and an optional value's None say nothing a reader needs.
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="python -m service",
+        description="The gesture service's commands. The service itself is the ASGI app\n"
+        "service.app:app (`uvicorn service.app:app`), configured by environment variables;\n"
+        "`python -m service COMMAND --help` tells more of each command.",
+        formatter_class=_Help,
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, formatter_class=_Help)
+
+    command(
+        "migrate",
+        "apply the migrations in sql/ to DATABASE_URL",
+        "Apply the migrations in sql/ to DATABASE_URL, in order, recording which ran.\n"
+        "Safe to run again, and from several processes at once.",
+    )
+    dev = command(
+        "dev",
+        "run the service locally (embedded PostgreSQL and Redis if needed)",
+        "Run the service for development: embedded PostgreSQL and Redis where DATABASE_URL\n"
+        "and REDIS_URL are unset (data in .dev/), a JWT_SECRET in .dev/jwt_secret if none is\n"
+        "set, the migrations, then N service processes on consecutive ports, a demo couple,\n"
+        "and the demo page's address. Ctrl-C or SIGTERM stops everything it started.",
+    )
+    dev.add_argument(
+        "--processes", type=int, default=2, metavar="N", help="service processes to start"
+    )
+    dev.add_argument(
+        "--port", type=int, default=8000, metavar="P", help="first port; one more per process"
+    )
+    token = command(
+        "token",
+        "print a signed token (JWT_SECRET, or .dev/jwt_secret)",
+        "Print a token signed with JWT_SECRET, or with the dev secret in .dev/jwt_secret\n"
+        "when JWT_SECRET is unset (run it in the folder where `dev` runs).",
+    )
     who = token.add_mutually_exclusive_group(required=True)
-    who.add_argument("--sub", help="the user id")
-    who.add_argument("--service", action="store_true", help="a service_role token")
-    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default a day)")
-    watch = sub.add_parser("watch", help="print events from Redis (REDIS_URL or .dev/'s)")
-    watch.add_argument("relationship_id", nargs="?", help="one relationship (default: all)")
-    schema = sub.add_parser("schema", help="write schemas/event.schema.json and openapi.json")
-    schema.add_argument("--dir", type=Path, default=Path("schemas"))
-    args = parser.parse_args(argv)
+    who.add_argument("--sub", metavar="USER_ID", help="a user's token: its user id (sub)")
+    who.add_argument(
+        "--service", action="store_true", help="a service_role token (creates relationships)"
+    )
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
+    watch = command(
+        "watch",
+        "print the events published on Redis (REDIS_URL, or .dev/'s)",
+        "Print the events published on Redis as other services receive them, one a line:\n"
+        "the channel, then the event's JSON. REDIS_URL, or the one `dev` recorded in .dev/.",
+    )
+    watch.add_argument(
+        "relationship_id", nargs="?", help="only this relationship's events (default: all)"
+    )
+    schema = command(
+        "schema",
+        "write the events' JSON Schema and the OpenAPI description",
+        "Write event.schema.json (the events on Redis) and openapi.json (the HTTP API).",
+    )
+    schema.add_argument("--dir", type=Path, default=Path("schemas"), help="where to write them")
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         match args.command:
             case "migrate":

@@ -7,6 +7,7 @@ uvicorn's `"WebSocket /ws?..." [accepted]` line, one a socket, is DEBUG here (`Q
 at the default level a connect storm prints nothing per socket, and no URL at all.
 """
 
+import errno
 import logging
 import re
 
@@ -63,6 +64,23 @@ class QuietAccepts(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+class PortInUse(logging.Filter):
+    """uvicorn logs a port that is taken as the bare OSError (`[Errno 98] error while
+    attempting to bind on address ...`); say which port and what to do instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.msg
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            address = re.search(r"\('?([^',]*)'?, (\d+)\)", str(exc))
+            where = f"port {address[2]} on {address[1]}" if address else "the port"
+            record.msg, record.args = (
+                f"cannot start: {where} is in use by another process: stop that process, "
+                "or choose another port (--port)",
+                None,
+            )
+        return True
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -76,6 +94,9 @@ def configure() -> None:
     """Redact uvicorn's lines, quiet its per-socket one; give our package a handler if the
     host set none."""
     redact = Redact()
+    error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, PortInUse) for f in error.filters):
+        error.addFilter(PortInUse())
     for name in ("uvicorn.access", "uvicorn.error", "uvicorn"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, QuietAccepts) for f in logger.filters):
