@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,7 +32,7 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from . import auth, config, store
+from . import auth, config, errors, store
 
 DEV_DIR = Path(".dev")
 
@@ -142,7 +143,50 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except errors.Unavailable as exc:
+        where = config.describe_url(os.environ.get("DATABASE_URL", ""))
+        cause = exc.__cause__ or exc
+        print(
+            f"error: PostgreSQL at {where} is unreachable ({type(cause).__name__}: "
+            f"{str(cause).strip() or 'no answer'}): check DATABASE_URL and that the server "
+            "is running",
+            file=sys.stderr,
+        )
+        return 2
     return 1
+
+
+def interpreter() -> str:
+    """How to spell this Python in a hint: relative when it lives under the current folder
+    (`.venv/bin/python`), else its full path."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise config.ConfigError(
+                f"port {port} on 127.0.0.1 is in use by another process (a `dev` still "
+                "running?): stop it, or choose other ports with --port"
+            ) from None
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except (redis.RedisError, OSError) as exc:
+        raise config.ConfigError(
+            f"Redis at {config.describe_url(url)} is unreachable ({type(exc).__name__}: "
+            f"{exc}): check REDIS_URL and that the server is running"
+        ) from None
 
 
 def _require(name: str) -> str:
@@ -188,6 +232,9 @@ def dev_server(processes: int, first_port: int) -> int:
     from . import embedded  # stdlib only at import; the servers start below if needed
 
     children: list[subprocess.Popen] = []
+    ports = [first_port + i for i in range(processes)]
+    for port in ports:
+        _check_port_free(port)
     try:
         env = dict(os.environ)
         if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
@@ -202,8 +249,9 @@ def dev_server(processes: int, first_port: int) -> int:
             env["JWT_SECRET"] = _dev_secret(create=True)
         DEV_DIR.mkdir(exist_ok=True)
         (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
+        os.environ["DATABASE_URL"] = env["DATABASE_URL"]  # named in an unreachable's message
         migrate(env["DATABASE_URL"])
-        ports = [first_port + i for i in range(processes)]
+        _check_redis(env["REDIS_URL"])
         settings = config.from_env(env)
         children.extend(
             subprocess.Popen(uvicorn_command(settings, port), env=env) for port in ports
@@ -217,14 +265,19 @@ def dev_server(processes: int, first_port: int) -> int:
             page = demo_address(
                 f"http://127.0.0.1:{ports[0]}", f"ws://127.0.0.1:{ports[-1]}/ws", env["JWT_SECRET"]
             )
-            print(f"\nTwo partners side by side, one on each process; open:\n  {page}")
+            print(
+                "\nThe demo page: two partners side by side, one on each process, of a demo "
+                "couple of its own\n(alice-… and bob-…, not the curl steps' alice and bob); "
+                f"open:\n  {page}"
+            )
         except OSError as exc:
             print(f"\n(could not set up the demo page: {exc})")
         print(f"Metrics: http://127.0.0.1:{ports[0]}/metrics (each process its own)")
         print("\nTokens (signed with the dev secret in .dev/jwt_secret):")
-        print("  python -m service token --service      # creates relationships")
-        print("  python -m service token --sub alice      # acts as a partner")
-        print("Events as other services see them: python -m service watch")
+        me = f"{interpreter()} -m service"
+        print(f"  {me} token --service      # creates relationships")
+        print(f"  {me} token --sub alice    # acts as a partner")
+        print(f"Events as other services see them: {me} watch")
         print("\nCtrl-C (or SIGTERM) stops everything.", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
