@@ -759,6 +759,10 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
     failed = [k for k in MUST_BE_ZERO if verdict[k]]
     if left:
         failed.append("outbox_left")
+    # Every fault the run injects is one the service handles: each is a one-line warning in
+    # its log, never a traceback (those are for the unexpected, which a run must not meet).
+    if any(e["tracebacks"] for e in result["service_log_errors"].values()):
+        failed.append("service_log_tracebacks")
     if failed:
         print(f"\nchaos: FAILED: {', '.join(failed)}")
         return 1
