@@ -81,6 +81,57 @@ class PortInUse(logging.Filter):
         return True
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _handled(exc: BaseException) -> bool:
+    """An outage the service rides out (a server gone, a connection cut, a timeout), as
+    opposed to a bug."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from .errors import Unavailable
+
+    outage = (OSError, TimeoutError, Unavailable, RedisConnectionError, RedisTimeoutError)
+    if isinstance(exc, outage):
+        return True
+    # asyncpg's own "the server went away" errors, without importing asyncpg here.
+    names = {t.__name__ for t in type(exc).__mro__}
+    return bool(
+        names
+        & {
+            "PostgresConnectionError",
+            "ConnectionDoesNotExistError",
+            "CannotConnectNowError",
+            "AdminShutdownError",
+            "InterfaceError",
+        }
+    )
+
+
+class OneLineFaults(logging.Filter):
+    """A fault the service handles at run time (Redis restarting, PostgreSQL cut) is one
+    warning line with its cause, not a traceback: asyncpg's pool logs one on every attempt
+    to reconnect, and a failed resync carried one. Anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or record.exc_info[1] is None:
+            return True
+        leaves = _leaves(record.exc_info[1])
+        if not all(_handled(leaf) for leaf in leaves):
+            return True
+        cause = "; ".join(f"{type(e).__name__}: {e}".rstrip(": ") for e in leaves)
+        record.msg = f"{record.getMessage()}: {cause}"
+        record.args = None
+        record.exc_info = record.exc_text = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -106,11 +157,16 @@ def configure() -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, Redact) for f in handler.filters):
                 handler.addFilter(redact)
+    one_line = OneLineFaults()
+    pool = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OneLineFaults) for f in pool.filters):
+        pool.addFilter(one_line)
     package = logging.getLogger("service")
     if not package.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(KeyValueFormatter("%(levelname)s %(name)s: %(message)s"))
         handler.addFilter(redact)
+        handler.addFilter(one_line)  # a handler's filter sees the records of service.*
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False
