@@ -796,9 +796,6 @@ async def _forever(
                 "subscriber connection lost",
                 extra={"subscriber": what, "error": "; ".join(repr(e) for e in _leaves(exc))},
             )
-            # A shutdown's cancel that redis-py swallowed while the session connected: stop,
-            # or the process never exits (asyncio.run waits for this task forever).
-            _stop_if_cancelled()
         first = False
         connected.clear()
         if time.monotonic() - started > 30:
