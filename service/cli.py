@@ -13,7 +13,10 @@
 * `schema` writes the JSON Schema of the Redis events (and the OpenAPI description).
 
 `dev` records the URLs it used in `.dev/`, so `token` and `watch` find them when run from
-the same folder with nothing set.
+the same folder with nothing set. `--help` describes every command and option with its
+default, `--version` prints the version. A fault at start (a port in use, PostgreSQL or
+Redis unreachable, a missing setting) ends the command with one line on stderr that names it
+and what to do, and exit status 2; no traceback.
 """
 
 import argparse
