@@ -767,7 +767,9 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
         "offline_s": list(plan.offline_s),
         "deadline": int(plan.deadline_s),
     }
-    load = Gen(rig, "load", {"mode": "chaos", **cfg})
+    load = Gen(
+        rig, "load", {"mode": "chaos", **cfg}, argv=[sys.executable, "-m", "bench.chaos_load"]
+    )
     rig.gens.append(load)
     ready = load.expect("ready", 60)
     devices = sum(c["a"]["devices"] + c["b"]["devices"] for c in couples)
@@ -834,6 +836,10 @@ def _run(rig: Rig, plan: Plan, clock: Clock, result: dict) -> int:
         failed.append("outbox_left")
     if result["consumer_group"]["missed"]:
         failed.append("consumer_group_missed")
+    # Every fault the run injects is one the service handles: each is a one-line warning in
+    # its log, never a traceback (those are for the unexpected, which a run must not meet).
+    if any(e["tracebacks"] for e in result["service_log_errors"].values()):
+        failed.append("service_log_tracebacks")
     if failed:
         print(f"\nchaos: FAILED: {', '.join(failed)}")
         return 1

@@ -1,7 +1,8 @@
 """The chaos run's load: couples that send, receive and acknowledge while servers break.
 
-Runs inside a generator process (`python -m bench.gen`, mode `chaos`) and speaks only the
-public protocol: HTTP and WebSocket on 127.0.0.1. What it does, per couple:
+Runs as a generator process of its own (`python -m bench.chaos_load CONFIG.json`, mode
+`chaos`, on the line protocol of `bench/genproc.py`) and speaks only the public protocol:
+HTTP and WebSocket on 127.0.0.1. What it does, per couple:
 
 * every partner has one to three devices (sockets), spread over the service processes so
   that the two partners sit on different ones; a device whose socket closes reconnects,
@@ -30,6 +31,9 @@ import random
 import sys
 import time
 import uuid
+
+from . import genproc
+from .genproc import commands, emit
 
 HOST = "127.0.0.1"
 GESTURE_TYPES = ("hug", "kiss", "thinking_of_you")
@@ -412,8 +416,6 @@ class Load:
     async def run(self) -> None:
         import aiohttp
 
-        from .gen import _commands, emit
-
         self.session = aiohttp.ClientSession(
             timeout=aiohttp.ClientTimeout(total=10), skip_auto_headers=["User-Agent"]
         )
@@ -426,7 +428,7 @@ class Load:
         )
         emit({"event": "ready", "up": sum(p.up for p in self.partners)})
         background: list[asyncio.Task] = []
-        async for cmd in _commands():
+        async for cmd in commands():
             match cmd["cmd"]:
                 case "go":
                     self.sending = True
@@ -512,3 +514,7 @@ async def _until(predicate, timeout: float) -> bool:
 
 async def run_chaos(cfg: dict) -> None:
     await Load(cfg).run()
+
+
+if __name__ == "__main__":
+    genproc.main({"chaos": run_chaos})

@@ -7,7 +7,9 @@ per generator and talks to it over stdin/stdout, one JSON object per line:
 * orchestrator -> generator: `{"cmd": "go" | "report" | "stop", ...}`
 
 Every generator has a hard time limit (`deadline` in its config, enforced with SIGALRM, whose
-default action ends the process), bounded loops, and talks to 127.0.0.1 only.
+default action ends the process), bounded loops, and talks to 127.0.0.1 only. That side of
+the line protocol (`emit`, `commands`, the time limit) lives in `bench/genproc.py`, shared
+with the chaos run's generator (`python -m bench.chaos_load`).
 
 Modes:
 
@@ -20,7 +22,6 @@ Modes:
   loop at a rate with stamped messages (stopping after `count` sends if given).
 * `ceiling`: the bare loop: INSERT one row per transaction with asyncpg + Redis PUBLISH.
 * `redis_pub`: publish `gesture.sent` events straight to Redis at a rate.
-* `chaos`: the chaos run's couples (`bench/chaos_load.py`).
 
 A stamp is the message `b|TAG|GEN.SEQ|EPOCH`: receivers compute latency as time.time() at
 receipt minus EPOCH; all processes share the machine's clock.
@@ -30,29 +31,17 @@ import asyncio
 import gc
 import json
 import math
-import os
 import random
-import resource
-import signal
-import sys
 import time
 import uuid
 from datetime import UTC, datetime
 
 import msgspec
 
+from . import genproc
+from .genproc import commands, emit
+
 HOST = "127.0.0.1"
-
-
-def _raise_nofile() -> None:
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
-
-
-def emit(obj: dict) -> None:
-    sys.stdout.write(json.dumps(obj, separators=(",", ":")) + "\n")
-    sys.stdout.flush()
 
 
 def stamp(tag: str, gen: int, seq: int) -> str:
@@ -98,20 +87,6 @@ class Received:
         if full:
             out["lat"] = self.lat.get(tag, [])
         return out
-
-
-async def _commands():
-    """Yield commands read from stdin (EOF ends the generator)."""
-    loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
-    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
-    while True:
-        line = await reader.readline()
-        if not line:
-            return
-        line = line.strip()
-        if line:
-            yield json.loads(line)
 
 
 # ---------------------------------------------------------------------------- ws
@@ -302,7 +277,7 @@ async def run_ws(cfg: dict) -> None:
             "cpu_s": round(cpu_connect, 3),
         }
     )
-    async for cmd in _commands():
+    async for cmd in commands():
         match cmd["cmd"]:
             case "go":
                 res = await send_at(cmd["rate"], cmd["duration"], cmd["tag"])
@@ -429,7 +404,7 @@ async def run_http(cfg: dict) -> None:
             await asyncio.wait(tasks, timeout=15)
         return {"sent": sent, "lat": lat}
 
-    async for cmd in _commands():
+    async for cmd in commands():
         match cmd["cmd"]:
             case "go":
                 statuses.clear()
@@ -512,7 +487,7 @@ async def run_ceiling(cfg: dict) -> None:
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         return {"ok": len(lat), "window": duration, "lat": lat, "errors": errors}
 
-    async for cmd in _commands():
+    async for cmd in commands():
         match cmd["cmd"]:
             case "go":
                 emit({"event": "done", **await bare(cmd["duration"], cmd.get("warmup", 1.0))})
@@ -583,7 +558,7 @@ async def run_redis_pub(cfg: dict) -> None:
             await asyncio.sleep(0.001)
         return {"sent": sent, "elapsed": time.time() - start}
 
-    async for cmd in _commands():
+    async for cmd in commands():
         match cmd["cmd"]:
             case "go":
                 emit(
@@ -595,42 +570,13 @@ async def run_redis_pub(cfg: dict) -> None:
     emit({"event": "stopped"})
 
 
-async def run_chaos(cfg: dict) -> None:
-    from .chaos_load import run_chaos as run
-
-    await run(cfg)
-
-
 MODES = {
     "ws": run_ws,
     "http": run_http,
     "ceiling": run_ceiling,
     "redis_pub": run_redis_pub,
-    "chaos": run_chaos,
 }
 
 
-def main() -> None:
-    with open(sys.argv[1]) as f:
-        cfg = json.load(f)
-    _raise_nofile()
-    signal.alarm(int(cfg.get("deadline", 600)))  # the hard limit: SIGALRM ends the process
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the orchestrator stops us, not Ctrl-C
-    try:
-        import uvloop  # optional; plain asyncio otherwise
-
-        runner = uvloop.run
-    except ImportError:
-        runner = asyncio.run
-    code = 0
-    try:
-        runner(MODES[cfg["mode"]](cfg))
-    except Exception as exc:
-        emit({"event": "error", "error": repr(exc)})
-        code = 1
-    sys.stdout.flush()
-    os._exit(code)
-
-
 if __name__ == "__main__":
-    main()
+    genproc.main(MODES)

@@ -34,7 +34,13 @@ from .suggestions import Suggester
 log = logging.getLogger(__name__)
 
 
-class MissingMigrations(RuntimeError):
+class StartupError(RuntimeError):
+    """A fault at start that the operator fixes (a setting, a server that is not there, the
+    schema): logged as one line that names it and says what to do, without a traceback, and
+    uvicorn exits non-zero. Anything else that fails at start keeps its traceback."""
+
+
+class MissingMigrations(StartupError):
     pass
 
 
@@ -45,29 +51,28 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[dict]:
         nonlocal settings
         try:
-            settings = settings or config.from_env()
-        except config.ConfigError as exc:
-            log.error("configuration error: %s", exc)
+            try:
+                settings = settings or config.from_env()
+            except config.ConfigError as exc:
+                raise StartupError(f"cannot start: {exc}") from None
+            pool = await _connect_postgres(settings)
+        except StartupError as exc:
+            _refuse_start(app, exc)
             raise
-        pool = await store.create_pool(
-            settings.database_url,
-            min_size=settings.db_pool_min,
-            max_size=settings.db_pool_max,
-            timeout=settings.db_timeout,
-        )
         try:
             async with store.connection(pool) as conn:
                 missing = await store.missing_migrations(conn)
             if missing:
                 raise MissingMigrations(
-                    f"the database lacks migrations {', '.join(missing)}: "
+                    f"cannot start: the database lacks migrations {', '.join(missing)}: "
                     "run `python -m service migrate` first"
                 )
+            await _check_redis(settings)
             async with _resources(settings, pool) as state:
                 log.info("ready", extra={"pid": os.getpid(), "node": state["node"]})
                 yield state
-        except MissingMigrations as exc:
-            log.error("%s", exc)
+        except StartupError as exc:
+            _refuse_start(app, exc)
             raise
         finally:
             await pool.close()
@@ -79,18 +84,79 @@ def create_app(settings: config.Settings | None = None) -> Starlette:
     )
 
 
+def _refuse_start(app: Starlette, exc: StartupError) -> None:
+    log.error("%s", exc)
+    app.refused_start = True  # so that `App` keeps the traceback out of uvicorn's log
+
+
+async def _connect_postgres(settings: config.Settings) -> store.Pool:
+    where = config.describe_url(settings.database_url)
+    try:
+        return await store.create_pool(
+            settings.database_url,
+            min_size=settings.db_pool_min,
+            max_size=settings.db_pool_max,
+            timeout=settings.db_timeout,
+        )
+    except Exception as exc:
+        # Only connecting can fail here: a refused connection, a timeout, a wrong password
+        # or database name. Each is the operator's to fix, and its cause is enough to.
+        cause = exc.__cause__ or exc
+        raise StartupError(
+            f"cannot start: PostgreSQL at {where} is unreachable ({_cause(cause)}): "
+            "check DATABASE_URL and that the server is running"
+        ) from None
+
+
+async def _check_redis(settings: config.Settings) -> None:
+    """Redis is pinged once at start, so that a wrong REDIS_URL stops the process at once
+    rather than leaving it up and undeliverable; after that its outages are survived."""
+    client = bus.redis_client(settings.redis_url, cluster=settings.redis_cluster, max_connections=2)
+    try:
+        async with asyncio.timeout(5.0):
+            await client.ping()
+    except (*bus.REDIS_ERRORS, TimeoutError) as exc:
+        raise StartupError(
+            f"cannot start: Redis at {config.describe_url(settings.redis_url)} is unreachable "
+            f"({_cause(exc)}): check REDIS_URL and that the server is running"
+        ) from None
+    finally:
+        await bus.close_client(client)
+
+
+def _cause(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class App(Starlette):
     """The routes, with `/ws` taken before Starlette's middleware and router: a socket's
     task then waits in the gateway's read loop alone, not under a dozen frames of wrappers
     that have nothing to do for a WebSocket (they only act on HTTP requests and exceptions
     the gateway handles itself), which is memory per idle socket and CPU per connect."""
 
+    refused_start = False
+
     async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "lifespan":
+            await super().__call__(scope, receive, self._quiet_refusal(send))
+            return
         if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + "/ws":
             gateway: Gateway = scope["state"]["gateway"]
             await gateway.endpoint(WebSocket(scope, receive, send))
             return
         await super().__call__(scope, receive, send)
+
+    def _quiet_refusal(self, send):
+        """Starlette reports a failed start to the server with the traceback's text, which
+        uvicorn logs; a refusal already logged its one line, so the text goes."""
+
+        async def quiet(message) -> None:
+            if message["type"] == "lifespan.startup.failed" and self.refused_start:
+                message = {**message, "message": ""}
+            await send(message)
+
+        return quiet
 
 
 @contextlib.asynccontextmanager
@@ -294,10 +360,9 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
         log.exception("shutdown did not finish cleanly")
     for task in running.values():
         task.remove_done_callback(_report_death)
-        task.cancel()
     # Bounded: a cancellation swallowed below us (seen with redis-py's pipeline while the
     # outbox relay publishes) must not keep the process from exiting.
-    _, stuck = await asyncio.wait(running.values(), timeout=2.0)
+    stuck = await _cancel(list(running.values()), 2.0)
     for task in stuck:
         log.error("background task did not stop when cancelled", extra={"task": task.get_name()})
     log.info("stopped", extra={"pid": os.getpid()})
@@ -306,8 +371,22 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
 async def _stop(task: asyncio.Task) -> None:
     """Cancel one background task and wait (at most 2 s) until it ended."""
     task.remove_done_callback(_report_death)
-    task.cancel()
-    await asyncio.wait([task], timeout=2.0)
+    await _cancel([task], 2.0)
+
+
+async def _cancel(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:
+    """Cancel the tasks, again every 0.1 s while any runs, for at most `timeout`; return
+    those still running. redis-py can swallow a cancel that lands while it connects: the
+    subscriber then went on reconnecting after shutdown, and asyncio.run, which cancels
+    what is left once, waited for it forever (a process that never exited)."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, deadline - loop.time()))
+    return pending
 
 
 def _report_death(task: asyncio.Task) -> None:

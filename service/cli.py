@@ -13,15 +13,20 @@
 * `schema` writes the JSON Schema of the Redis events (and the OpenAPI description).
 
 `dev` records the URLs it used in `.dev/`, so `token` and `watch` find them when run from
-the same folder with nothing set.
+the same folder with nothing set. `--help` describes every command and option with its
+default, `--version` prints the version. A fault at start (a port in use, PostgreSQL or
+Redis unreachable, a missing setting) ends the command with one line on stderr that names it
+and what to do, and exit status 2; no traceback.
 """
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -31,35 +36,109 @@ import uuid
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from . import auth, config, store
+from . import auth, config, errors, store
 
 DEV_DIR = Path(".dev")
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m service")
-    sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("migrate", help="apply the migrations in sql/ to DATABASE_URL")
-    dev = sub.add_parser("dev", help="run the service locally, embedded servers if needed")
-    dev.add_argument("--processes", type=int, default=2)
-    dev.add_argument("--port", type=int, default=8000, help="first port; one per process")
-    token = sub.add_parser("token", help="print a signed token (JWT_SECRET or .dev/'s)")
+def version() -> str:
+    """The installed distribution's version, else the package's own."""
+    try:
+        return importlib.metadata.version("gesture-service")
+    except importlib.metadata.PackageNotFoundError:
+        from . import __version__
+
+        return __version__
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option's default in its help line, the description's paragraphs kept."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        return "\n".join(indent + line for line in text.splitlines())
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        # A flag's False and an optional value's None say nothing a reader needs.
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(
+        prog="python -m service",
+        description="The gesture service's commands. The service itself is the ASGI app\n"
+        "service.app:app (`uvicorn service.app:app`), configured by environment variables;\n"
+        "`python -m service COMMAND --help` tells more of each command.",
+        formatter_class=_Help,
+    )
+    top.add_argument("--version", action="version", version=f"%(prog)s {version()}")
+    sub = top.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, summary: str, description: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=summary, description=description, formatter_class=_Help)
+
+    command(
+        "migrate",
+        "apply the migrations in sql/ to DATABASE_URL",
+        "Apply the migrations in sql/ to DATABASE_URL, in order, recording which ran.\n"
+        "Safe to run again, and from several processes at once.",
+    )
+    dev = command(
+        "dev",
+        "run the service locally (embedded PostgreSQL and Redis if needed)",
+        "Run the service for development: embedded PostgreSQL and Redis where DATABASE_URL\n"
+        "and REDIS_URL are unset (data in .dev/), a JWT_SECRET in .dev/jwt_secret if none is\n"
+        "set, the migrations, then N service processes on consecutive ports, a demo couple,\n"
+        "and the demo page's address. Ctrl-C or SIGTERM stops everything it started.",
+    )
+    dev.add_argument(
+        "--processes", type=int, default=2, metavar="N", help="service processes to start"
+    )
+    dev.add_argument(
+        "--port", type=int, default=8000, metavar="P", help="first port; one more per process"
+    )
+    token = command(
+        "token",
+        "print a signed token (JWT_SECRET, or .dev/jwt_secret)",
+        "Print a token signed with JWT_SECRET, or with the dev secret in .dev/jwt_secret\n"
+        "when JWT_SECRET is unset (run it in the folder where `dev` runs).",
+    )
     who = token.add_mutually_exclusive_group(required=True)
-    who.add_argument("--sub", help="the user id")
-    who.add_argument("--service", action="store_true", help="a service_role token")
-    token.add_argument("--ttl", type=int, default=24 * 3600, help="seconds (default a day)")
-    watch = sub.add_parser("watch", help="print events from Redis (REDIS_URL or .dev/'s)")
-    watch.add_argument("relationship_id", nargs="?", help="one relationship (default: all)")
-    status = sub.add_parser(
+    who.add_argument("--sub", metavar="USER_ID", help="a user's token: its user id (sub)")
+    who.add_argument(
+        "--service", action="store_true", help="a service_role token (creates relationships)"
+    )
+    token.add_argument("--ttl", type=int, default=24 * 3600, help="lifetime in seconds")
+    watch = command(
+        "watch",
+        "print the events published on Redis (REDIS_URL, or .dev/'s)",
+        "Print the events published on Redis as other services receive them, one a line:\n"
+        "the channel, then the event's JSON. REDIS_URL, or the one `dev` recorded in .dev/.",
+    )
+    watch.add_argument(
+        "relationship_id", nargs="?", help="only this relationship's events (default: all)"
+    )
+    schema = command(
+        "schema",
+        "write the events' JSON Schema and the OpenAPI description",
+        "Write event.schema.json (the events on Redis) and openapi.json (the HTTP API).",
+    )
+    schema.add_argument("--dir", type=Path, default=Path("schemas"), help="where to write them")
+    status = command(
         "status",
-        help="the deployment at a glance: processes, outbox, event streams and consumer groups "
-        "(DATABASE_URL and REDIS_URL, or .dev/'s)",
+        "the deployment at a glance (DATABASE_URL and REDIS_URL, or .dev/'s)",
+        "The service processes that beat (host, port, pid, version, sockets), the outbox,\n"
+        "each event stream partition and each consumer group's lag, pending entries, dead\n"
+        "letters and catch-ups. Reads PostgreSQL and Redis; changes nothing.",
     )
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    _consume_parser(sub)
-    schema = sub.add_parser("schema", help="write schemas/event.schema.json and openapi.json")
-    schema.add_argument("--dir", type=Path, default=Path("schemas"))
-    args = parser.parse_args(argv)
+    _consume_parser(command)
+    return top
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     try:
         match args.command:
             case "migrate":
@@ -81,7 +160,50 @@ def main(argv: list[str] | None = None) -> int:
     except config.ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except errors.Unavailable as exc:
+        where = config.describe_url(os.environ.get("DATABASE_URL", ""))
+        cause = exc.__cause__ or exc
+        print(
+            f"error: PostgreSQL at {where} is unreachable ({type(cause).__name__}: "
+            f"{str(cause).strip() or 'no answer'}): check DATABASE_URL and that the server "
+            "is running",
+            file=sys.stderr,
+        )
+        return 2
     return 1
+
+
+def interpreter() -> str:
+    """How to spell this Python in a hint: relative when it lives under the current folder
+    (`.venv/bin/python`), else its full path."""
+    exe = Path(sys.executable)
+    try:
+        return str(exe.relative_to(Path.cwd()))
+    except ValueError:
+        return str(exe)
+
+
+def _check_port_free(port: int) -> None:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            raise config.ConfigError(
+                f"port {port} on 127.0.0.1 is in use by another process (a `dev` still "
+                "running?): stop it, or choose other ports with --port"
+            ) from None
+
+
+def _check_redis(url: str) -> None:
+    import redis
+
+    try:
+        redis.Redis.from_url(url, socket_connect_timeout=2, socket_timeout=2).ping()
+    except (redis.RedisError, OSError) as exc:
+        raise config.ConfigError(
+            f"Redis at {config.describe_url(url)} is unreachable ({type(exc).__name__}: "
+            f"{exc}): check REDIS_URL and that the server is running"
+        ) from None
 
 
 def _require(name: str) -> str:
@@ -127,6 +249,9 @@ def dev_server(processes: int, first_port: int) -> int:
     from . import embedded  # stdlib only at import; the servers start below if needed
 
     children: list[subprocess.Popen] = []
+    ports = [first_port + i for i in range(processes)]
+    for port in ports:
+        _check_port_free(port)
     try:
         env = dict(os.environ)
         if not env.get("DATABASE_URL") or not env.get("REDIS_URL"):
@@ -143,8 +268,9 @@ def dev_server(processes: int, first_port: int) -> int:
         (DEV_DIR / "redis_url").write_text(env["REDIS_URL"])
         (DEV_DIR / "database_url").write_text(env["DATABASE_URL"])
         (DEV_DIR / "api_url").write_text(f"http://127.0.0.1:{first_port}")
+        os.environ["DATABASE_URL"] = env["DATABASE_URL"]  # named in an unreachable's message
         migrate(env["DATABASE_URL"])
-        ports = [first_port + i for i in range(processes)]
+        _check_redis(env["REDIS_URL"])
         settings = config.from_env(env)
         children.extend(
             subprocess.Popen(uvicorn_command(settings, port), env=env) for port in ports
@@ -158,14 +284,19 @@ def dev_server(processes: int, first_port: int) -> int:
             page = demo_address(
                 f"http://127.0.0.1:{ports[0]}", f"ws://127.0.0.1:{ports[-1]}/ws", env["JWT_SECRET"]
             )
-            print(f"\nTwo partners side by side, one on each process; open:\n  {page}")
+            print(
+                "\nThe demo page: two partners side by side, one on each process, of a demo "
+                "couple of its own\n(alice-… and bob-…, not the curl steps' alice and bob); "
+                f"open:\n  {page}"
+            )
         except OSError as exc:
             print(f"\n(could not set up the demo page: {exc})")
         print(f"Metrics: http://127.0.0.1:{ports[0]}/metrics (each process its own)")
         print("\nTokens (signed with the dev secret in .dev/jwt_secret):")
-        print("  python -m service token --service      # creates relationships")
-        print("  python -m service token --sub alice      # acts as a partner")
-        print("Events as other services see them: python -m service watch")
+        me = f"{interpreter()} -m service"
+        print(f"  {me} token --service      # creates relationships")
+        print(f"  {me} token --sub alice    # acts as a partner")
+        print(f"Events as other services see them: {me} watch")
         print("\nCtrl-C (or SIGTERM) stops everything.", flush=True)
         while all(child.poll() is None for child in children):
             time.sleep(0.5)
@@ -418,11 +549,14 @@ if TYPE_CHECKING:
     from . import consumer
 
 
-def _consume_parser(sub: "argparse._SubParsersAction") -> None:
-    consume = sub.add_parser(
+def _consume_parser(command) -> None:
+    consume = command(
         "consume",
-        help="print the events of the streams as a member of a consumer group, one JSON line "
-        "each, acknowledged once printed (REDIS_URL or .dev/'s)",
+        "print the streams' events as a member of a consumer group (REDIS_URL or .dev/'s)",
+        "Read the event streams as a member of a consumer group: each event printed as one\n"
+        "JSON line on stdout and acknowledged once printed; the group's lag on stderr every\n"
+        "few seconds. A lost position is filled from GET /api/events. SIGTERM stops it\n"
+        "without losing an event.",
     )
     consume.add_argument("--group", required=True, help="the consumer group")
     consume.add_argument("--consumer", help="this member's name (default: host-pid)")

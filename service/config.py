@@ -5,6 +5,7 @@ malformed value stops start-up with a `ConfigError` naming the variable.
 """
 
 import os
+import urllib.parse
 from collections.abc import Mapping
 
 import msgspec
@@ -154,7 +155,7 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         raw = env.get(name)
         if raw is None or raw == "":
             if name in _REQUIRED:
-                raise ConfigError(f"{name} is not set: {_REQUIRED[name]}")
+                raise ConfigError(f"{name} is not set: set it to {_REQUIRED[name]}")
             continue
         try:
             value = parser(raw)
@@ -205,3 +206,14 @@ def uvicorn_options(settings: Settings) -> dict[str, object]:
         "ws_ping_interval": settings.ws_ping_interval or None,
         "ws_ping_timeout": settings.ws_ping_timeout,
     }
+
+
+def describe_url(url: str) -> str:
+    """`host:port/path` of a DSN or URL, without its user or password, for messages."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname or "localhost"
+        where = f"{host}:{parts.port}" if parts.port else host
+    except ValueError:
+        return "(an unreadable URL)"
+    return f"{where}{parts.path}" if parts.path not in ("", "/") else where

@@ -7,6 +7,7 @@ uvicorn's `"WebSocket /ws?..." [accepted]` line, one a socket, is DEBUG here (`Q
 at the default level a connect storm prints nothing per socket, and no URL at all.
 """
 
+import errno
 import logging
 import re
 
@@ -63,6 +64,74 @@ class QuietAccepts(logging.Filter):
         return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
 
 
+class PortInUse(logging.Filter):
+    """uvicorn logs a port that is taken as the bare OSError (`[Errno 98] error while
+    attempting to bind on address ...`); say which port and what to do instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.msg
+        if isinstance(exc, OSError) and exc.errno == errno.EADDRINUSE:
+            address = re.search(r"\('?([^',]*)'?, (\d+)\)", str(exc))
+            where = f"port {address[2]} on {address[1]}" if address else "the port"
+            record.msg, record.args = (
+                f"cannot start: {where} is in use by another process: stop that process, "
+                "or choose another port (--port)",
+                None,
+            )
+        return True
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _handled(exc: BaseException) -> bool:
+    """An outage the service rides out (a server gone, a connection cut, a timeout), as
+    opposed to a bug."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from .errors import Unavailable
+
+    outage = (OSError, TimeoutError, Unavailable, RedisConnectionError, RedisTimeoutError)
+    if isinstance(exc, outage):
+        return True
+    # asyncpg's own "the server went away" errors, without importing asyncpg here.
+    names = {t.__name__ for t in type(exc).__mro__}
+    return bool(
+        names
+        & {
+            "PostgresConnectionError",
+            "ConnectionDoesNotExistError",
+            "CannotConnectNowError",
+            "AdminShutdownError",
+            "InterfaceError",
+        }
+    )
+
+
+class OneLineFaults(logging.Filter):
+    """A fault the service handles at run time (Redis restarting, PostgreSQL cut) is one
+    warning line with its cause, not a traceback: asyncpg's pool logs one on every attempt
+    to reconnect, and a failed resync carried one. Anything else keeps its traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not record.exc_info or record.exc_info[1] is None:
+            return True
+        leaves = _leaves(record.exc_info[1])
+        if not all(_handled(leaf) for leaf in leaves):
+            return True
+        cause = "; ".join(f"{type(e).__name__}: {e}".rstrip(": ") for e in leaves)
+        record.msg = f"{record.getMessage()}: {cause}"
+        record.args = None
+        record.exc_info = record.exc_text = None
+        if record.levelno > logging.WARNING:
+            record.levelno, record.levelname = logging.WARNING, "WARNING"
+        return True
+
+
 class KeyValueFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         text = super().format(record)
@@ -76,6 +145,9 @@ def configure() -> None:
     """Redact uvicorn's lines, quiet its per-socket one; give our package a handler if the
     host set none."""
     redact = Redact()
+    error = logging.getLogger("uvicorn.error")
+    if not any(isinstance(f, PortInUse) for f in error.filters):
+        error.addFilter(PortInUse())
     for name in ("uvicorn.access", "uvicorn.error", "uvicorn"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, QuietAccepts) for f in logger.filters):
@@ -85,11 +157,16 @@ def configure() -> None:
         for handler in logger.handlers:
             if not any(isinstance(f, Redact) for f in handler.filters):
                 handler.addFilter(redact)
+    one_line = OneLineFaults()
+    pool = logging.getLogger("asyncpg.pool")
+    if not any(isinstance(f, OneLineFaults) for f in pool.filters):
+        pool.addFilter(one_line)
     package = logging.getLogger("service")
     if not package.handlers:
         handler = logging.StreamHandler()
         handler.setFormatter(KeyValueFormatter("%(levelname)s %(name)s: %(message)s"))
         handler.addFilter(redact)
+        handler.addFilter(one_line)  # a handler's filter sees the records of service.*
         package.addHandler(handler)
         package.setLevel(logging.INFO)
         package.propagate = False

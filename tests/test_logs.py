@@ -73,3 +73,43 @@ def test_uvicorn_accept_line_is_debug_and_redacted_when_shown():
         'DEBUG 127.0.0.1:5000 - "WebSocket /ws?token=[redacted]" [accepted]',
         "INFO Application startup complete.",
     ]
+
+
+def _format_through_filter(exc: BaseException, level: int = logging.ERROR) -> str:
+    from service.logs import KeyValueFormatter, OneLineFaults
+
+    try:
+        raise exc
+    except BaseException:
+        import sys
+
+        record = logging.LogRecord("service.bus", level, __file__, 1, "resync failed", (), None)
+        record.exc_info = sys.exc_info()
+    assert OneLineFaults().filter(record)
+    return KeyValueFormatter("%(levelname)s %(name)s: %(message)s").format(record)
+
+
+def test_a_handled_fault_is_one_warning_line_with_its_cause():
+    """A PostgreSQL or Redis outage the service rides out: no traceback, the cause named."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+
+    from service.errors import Unavailable
+
+    for exc in (
+        ConnectionRefusedError(111, "Connect call failed"),
+        RedisConnectionError("Error 111 connecting to 127.0.0.1:6379"),
+        Unavailable("PostgreSQL did not answer: TimeoutError"),
+        ExceptionGroup("session", [TimeoutError(), OSError("reset")]),
+    ):
+        line = _format_through_filter(exc)
+        assert "\n" not in line and "Traceback" not in line, line
+        assert line.startswith("WARNING service.bus: resync failed: "), line
+        first = exc.exceptions[0] if isinstance(exc, ExceptionGroup) else exc
+        assert type(first).__name__ in line
+
+
+def test_an_unexpected_error_keeps_its_traceback():
+    line = _format_through_filter(KeyError("bug"))
+    assert line.startswith("ERROR service.bus: resync failed") and "Traceback" in line
+    mixed = _format_through_filter(ExceptionGroup("session", [OSError(), ZeroDivisionError()]))
+    assert "Traceback" in mixed
