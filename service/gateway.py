@@ -492,7 +492,6 @@ class Gateway:
                         frame.message,
                         frame.ai_generated,
                         frame.idempotency_key,
-                        want_online=False,
                         suggestion_id=frame.suggestion_id,
                     )
                     sent = GestureSentFrame(gesture=result.gesture, request_id=request_id)

@@ -86,12 +86,15 @@ return 0
 
 
 class _SendItem:
-    __slots__ = ("fingerprint", "key", "new")
+    __slots__ = ("fingerprint", "key", "new", "online")
 
-    def __init__(self, new: store.NewGesture, key: str | None, fingerprint: bytes) -> None:
+    def __init__(
+        self, new: store.NewGesture, key: str | None, fingerprint: bytes, online: bool | None
+    ) -> None:
         self.new = new
         self.key = key
         self.fingerprint = fingerprint
+        self.online = online
 
 
 class _Sent:
@@ -284,13 +287,12 @@ class Gestures:
         message: str | None,
         ai_generated: bool,
         idempotency_key: str | None,
-        want_online: bool = True,
         suggestion_id: uuid.UUID | None = None,
     ) -> tuple[SendResult, bool]:
         """Send a gesture; returns the result and whether it is new (False for a replay).
 
-        `recipient_online` costs nothing extra: it rides in the rate limit's round trip to
-        Redis. Callers that do not need it (the gateway) pass `want_online=False`.
+        `recipient_online` costs one command in the rate limit's round trip to Redis; the
+        `gesture.sent` event carries it too, for services that notify an offline recipient.
         A `suggestion_id` of this sender's in this relationship, under an hour old, stores
         the gesture as AI-generated with the suggestion's context; any other is Invalid.
         """
@@ -315,33 +317,33 @@ class Gestures:
                         "suggestion_id: unknown, expired (after an hour) or not yours"
                     )
                 # Counted like any retry (docs/api.md); answered even past the limit.
-                recipient = other_role(role) if want_online else None
                 try:
-                    online = await self._admit(relationship_id, role, recipient)
+                    online = await self._admit(relationship_id, role, other_role(role))
                 except errors.RateLimited:
                     online = False
-                return SendResult(gesture=replay, recipient_online=online), False
+                return SendResult(gesture=replay, recipient_online=bool(online)), False
         new = store.NewGesture(relationship_id, gesture_type, role, message, ai_generated, context)
         fingerprint = b""
         if idempotency_key is not None:
             fingerprint = store.fingerprint(gesture_type, message, ai_generated, suggestion_id)
-        recipient = other_role(role) if want_online else None
         try:
-            online = await self._admit(relationship_id, role, recipient)
+            online = await self._admit(relationship_id, role, other_role(role))
         except errors.RateLimited:
             # A retry of a send that went through is answered, not limited.
             replay = await self._replay(new, idempotency_key, fingerprint)
             if replay is None:
                 raise
             return SendResult(gesture=replay, recipient_online=False), False
-        outcome = await self._sends.submit(_SendItem(new, idempotency_key, fingerprint))
+        outcome = await self._sends.submit(_SendItem(new, idempotency_key, fingerprint, online))
         if isinstance(outcome, errors.ServiceError):
             raise outcome
-        return SendResult(gesture=outcome.gesture, recipient_online=online), outcome.fresh
+        return SendResult(gesture=outcome.gesture, recipient_online=bool(online)), outcome.fresh
 
-    async def _admit(self, relationship_id: uuid.UUID, role: str, recipient: str | None) -> bool:
+    async def _admit(
+        self, relationship_id: uuid.UUID, role: str, recipient: str | None
+    ) -> bool | None:
         """Count one send against the sender's limit (RateLimited past it); and whether
-        `recipient` is online, in the same round trip. Redis away: admitted, offline."""
+        `recipient` is online, in the same round trip. Redis away: admitted, None (unknown)."""
         limit = self._settings.rate_limit_per_minute
         # Hash-tagged by relationship: on a cluster the key lives in the relationship's slot,
         # beside its presence keys, so this pipeline goes to one shard.
@@ -352,7 +354,9 @@ class Gestures:
                 self._presence.count_online(pipe, relationship_id, recipient)
 
         results = await self._window(key, limit, "gestures", online)
-        return results is not None and recipient is not None and int(results[1]) > 0
+        if results is None or recipient is None:
+            return None
+        return int(results[1]) > 0
 
     async def _window(self, key: str, limit: int, what: str, more=None) -> list | None:
         """Count one request in the sliding window `key` (RateLimited past `limit` a minute),
@@ -439,7 +443,7 @@ class Gestures:
 
     async def _insert(self, conn: store.Connection, items: list[_SendItem]) -> list[_Sent]:
         gestures = [item.new.gesture() for item in items]
-        events = [self._sent_event(g) for g in gestures]
+        events = [self._sent_event(g, item.online) for g, item in zip(gestures, items, strict=True)]
         rows = await store.insert_sent(conn, [item.new for item in items], events, self._node)
         by_payload = {row.payload: row for row in rows}  # each payload has its own event_id
         return [
@@ -450,8 +454,8 @@ class Gestures:
     def _publish_sends(self, outcomes: list[_Sent | errors.ServiceError]) -> None:
         self._publisher.publish(row for o in outcomes if isinstance(o, _Sent) for row in o.outbox)
 
-    def _sent_event(self, gesture: Gesture) -> store.EventRow:
-        return self._event_row(GestureSent, gesture, gesture.sent_at)
+    def _sent_event(self, gesture: Gesture, online: bool | None) -> store.EventRow:
+        return self._event_row(GestureSent, gesture, gesture.sent_at, recipient_online=online)
 
     def _event_row(self, kind: type, gesture: Gesture, at, **extra) -> store.EventRow:
         """(channel, payload, relationship) of an event announcing `gesture` after a change
@@ -579,8 +583,9 @@ class Gestures:
             raise errors.Forbidden("only the recipient may acknowledge a gesture")
         if original.acknowledged_at is not None:
             return AcknowledgeResult(acknowledged=False, response_gesture=None)
+        online = None
         if send_back:
-            await self._admit(original.relationship_id, role, None)
+            online = await self._admit(original.relationship_id, role, original.sent_by)
         async with store.transaction(self._pool, self._timeout) as conn:
             acknowledged = await store.acknowledge(conn, gesture_id, role)
             if acknowledged is None:
@@ -606,7 +611,7 @@ class Gestures:
                 )
             )
             if response is not None:
-                events.append(self._sent_event(response))
+                events.append(self._sent_event(response, online))
             rows = await store.add_events(conn, events, self._node)
         self._publisher.publish(rows)
         return AcknowledgeResult(acknowledged=True, response_gesture=response)

@@ -308,7 +308,9 @@ class _Event(Struct, tag_field="event", kw_only=True):
 
 
 class GestureSent(_Event, tag="gesture.sent"):
-    pass
+    # Whether the recipient held a WebSocket on any process when the gesture was admitted
+    # (what a push-notification service wants); null where Redis could not say.
+    recipient_online: bool | None = None
 
 
 class GestureDelivered(_Event, tag="gesture.delivered"):
