@@ -20,7 +20,7 @@ from pathlib import Path
 
 import psutil
 
-from . import breakdown, cluster, peer, steps
+from . import breakdown, cluster, peer, steps, streams
 from .infra import ROOT, Bench, free_port
 
 STEPS = {
@@ -31,6 +31,7 @@ STEPS = {
     "connections": steps.connections,
     "cluster": cluster.cluster,
     "socketio": peer.socketio,
+    "streams": streams.streams,
 }
 
 

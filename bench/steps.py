@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import breakdown
+from . import streams as bench_streams
 from .breakdown import IDLE_WINDOW_S, SETTLE_S, Counters
 from .infra import WS_PROTOCOL, Bench, Gen, free_port
 from .report import CPU_HEADERS, cpu_cells, percentiles, table
@@ -245,6 +246,9 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
     profile = None
     # Process 1 holds the senders, process 2 the recipients.
     counters = Counters(b, b.services["p1"].pid, b.services["p2"].pid)
+    # A consumer group reads the event streams throughout: its lag at each rate.
+    lag_member, lag_file = bench_streams.delivery_lag_member(b)
+    windows: list[tuple[int, float, float]] = []
     try:
         for r in _ready_all(recv + send, 60):
             if r["connected"] != r["total"]:
@@ -263,10 +267,12 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
             if plan.profile_dir and rate == plan.profile_rate:
                 spies = _start_profiles(b, plan)
             c0 = b.cpu.snapshot(gens)
+            t_go = time.time()
             for g in send:
                 g.send("go", rate=rate / len(send), duration=plan.delivery_duration, tag=tag)
             done = [g.expect("done", plan.delivery_duration + 30) for g in send]
             t_done = time.time()
+            windows.append((rate, t_go, t_done + 1.0))
             cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
             sent = sum(d["sent"] for d in done)
             _wait_received(recv, tag, sent, 0.3, 5.0)
@@ -322,6 +328,9 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
         errors = sum(r["errors"] for r in snd)
     finally:
         b.stop_gens(gens)
+        lag_samples = bench_streams.stop_lag_member(lag_member, lag_file)
+    for step, (_rate, t0, t1) in zip(steps, windows, strict=False):
+        step["stream_lag_ms"] = bench_streams.lag_between(lag_samples, t0, t1)
     print(
         table(
             "2a. delivery: WS gesture on process 1 -> gesture_received on process 2 (200 couples)",
@@ -343,6 +352,24 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
     print(f"   highest rate held (100% delivered, p99 <= 50 ms): {held}/s (target >= 2000/s)")
     if any(s["profiled"] for s in steps):
         print(f"   (the {plan.profile_rate}/s row ran under py-spy, which costs the service CPU)")
+    print(
+        table(
+            "2d. a consumer group on the event streams meanwhile: XADD to handler, ms",
+            ["offered/s", "events", "p50", "p90", "p99", "max", "target p99"],
+            [
+                [
+                    s["offered_per_s"],
+                    s["stream_lag_ms"]["n"],
+                    s["stream_lag_ms"]["p50"],
+                    s["stream_lag_ms"]["p90"],
+                    s["stream_lag_ms"]["p99"],
+                    s["stream_lag_ms"]["max"],
+                    "<= 100",
+                ]
+                for s in steps
+            ],
+        )
+    )
     breakdown.print_breakdown(per_gesture, idle, shared=not b.own_servers)
     if profile:
         for name in ("sender", "recipient"):

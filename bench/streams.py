@@ -1,0 +1,331 @@
+"""The `streams` step: what the event streams cost and how fast the package's consumer reads.
+
+1. **The append**, in this process against the bench's Redis: the service's own publishing
+   path (`bus.Publisher._send`) over real event payloads, once with PUBLISH only and once
+   with PUBLISH + XADD (the default), in batches as the publish loop sends them. Reported: this
+   process's CPU and redis-server's per event, the difference, and Redis memory per
+   retained entry (`used_memory` before and after).
+2. **The consumer**, `service.consumer.Consumer` with a handler that does nothing, in
+   processes of its own (`python -m bench.streams --member …`) over streams filled
+   beforehand: one member, then a group of four, timed until the group has read and
+   acknowledged every entry (XINFO). Target: one member at 20,000 events/s or more.
+3. **Lag while delivering**: `delivery_lag_member` is started by the delivery step before its
+   rates and stopped after; it records, for each event, the time from its XADD (the entry
+   id) to the handler, and the step reports the percentiles per offered rate.
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+
+from .infra import ROOT, Bench
+from .report import percentiles, table
+
+PARTITIONS = 16
+
+
+def _payloads(n: int) -> list[tuple[bytes, uuid.UUID]]:
+    from service.schemas import Gesture, GestureSent, encoder
+
+    now = datetime.now(UTC)
+    out = []
+    for i in range(n):
+        rel = uuid.uuid4()
+        g = Gesture(
+            id=uuid.uuid4(),
+            relationship_id=rel,
+            gesture_type="hug",
+            sent_by="partner_a",
+            message="thinking of you, see you tonight" if i % 2 else None,
+            ai_generated=False,
+            sent_at=now,
+            delivered_at=None,
+            acknowledged_at=None,
+            acknowledged_by=None,
+            response_gesture_id=None,
+            ai_context_used=None,
+        )
+        event = GestureSent(event_id=uuid.uuid4(), occurred_at=now, relationship_id=rel, gesture=g)
+        out.append((encoder.encode(event), rel))
+    return out
+
+
+def _redis_pid(b: Bench) -> int | None:
+    import redis
+
+    try:
+        return int(redis.Redis.from_url(b.redis_url).info("server")["process_id"])
+    except Exception:
+        return None
+
+
+def _cpu(pid: int | None) -> float:
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except psutil.Error:
+        return 0.0
+
+
+async def _append_cost(b: Bench, n: int, batch: int) -> dict:
+    from service import bus, store
+
+    prefix = f"{b.channel_prefix}append-{uuid.uuid4().hex[:6]}:"
+    redis = bus.redis_client(b.redis_url, cluster=False, max_connections=4)
+    rpid = _redis_pid(b)
+    me = psutil.Process()
+    rows = [
+        store.OutboxRow(f"{prefix}{rel}", payload, rel, datetime.now(UTC))
+        for payload, rel in _payloads(n)
+    ]
+    out = {}
+    try:
+        for label, partitions in (("publish only", 0), ("publish + XADD", PARTITIONS)):
+            pub = bus.Publisher(
+                redis,
+                None,  # type: ignore[arg-type]  (no PostgreSQL: _send only)
+                channel_prefix=prefix,
+                event_streams=partitions,
+                stream_retention=86400,
+                relay_interval=1.0,
+                node_ttl=15.0,
+                idempotency_hours=24,
+                log_retention_days=7,
+            )
+            mem0 = (await redis.info("memory"))["used_memory"]
+            c_me, c_redis, t0 = me.cpu_times(), _cpu(rpid), time.perf_counter()
+            for i in range(0, n, batch):
+                if not await pub._send(rows[i : i + batch]):
+                    raise RuntimeError("Redis refused the bench's events")
+            wall = time.perf_counter() - t0
+            c_me2 = me.cpu_times()
+            service = (c_me2.user + c_me2.system - c_me.user - c_me.system) / n * 1e6
+            redis_us = (_cpu(rpid) - c_redis) / n * 1e6
+            mem1 = (await redis.info("memory"))["used_memory"]
+            out[label] = {
+                "events": n,
+                "batch": batch,
+                "service_cpu_us": round(service, 1),
+                "redis_cpu_us": round(redis_us, 1),
+                "events_per_s": round(n / wall),
+                "redis_memory_per_event_b": round((mem1 - mem0) / n) if partitions else None,
+            }
+        keys = [bus.stream_key(prefix, p) for p in range(PARTITIONS)]
+        await redis.delete(*keys)
+    finally:
+        await bus.close_client(redis)
+    with_x, without = out["publish + XADD"], out["publish only"]
+    out["xadd_adds"] = {
+        "service_cpu_us": round(with_x["service_cpu_us"] - without["service_cpu_us"], 1),
+        "redis_cpu_us": round(with_x["redis_cpu_us"] - without["redis_cpu_us"], 1),
+    }
+    return out
+
+
+async def _fill(b: Bench, prefix: str, n: int) -> None:
+    from service import bus
+
+    redis = bus.redis_client(b.redis_url, cluster=False, max_connections=4)
+    try:
+        payloads = _payloads(min(n, 5000))
+        async with redis.pipeline(transaction=False) as pipe:
+            for i in range(n):
+                payload, rel = payloads[i % len(payloads)]
+                key = bus.stream_key(prefix, bus.partition_of(rel, PARTITIONS))
+                pipe.xadd(key, {"event": payload})
+                if i % 2000 == 1999:
+                    await pipe.execute()
+            await pipe.execute()
+    finally:
+        await bus.close_client(redis)
+
+
+async def _group_done(b: Bench, prefix: str, group: str, n: int, timeout: float) -> float:
+    """Wait until `group` has read and acknowledged `n` entries; the time that took."""
+    from service import bus
+
+    redis = bus.redis_client(b.redis_url, cluster=False, max_connections=4)
+    t0 = time.perf_counter()
+    try:
+        while time.perf_counter() - t0 < timeout:
+            report = await bus.stream_report(redis, prefix, PARTITIONS)
+            read = pending = 0
+            for p in report:
+                for g in p.groups:
+                    if g.name == group:
+                        read += p.length - (g.lag or 0)
+                        pending += g.pending
+            if read >= n and pending == 0:
+                return time.perf_counter() - t0
+            await asyncio.sleep(0.05)
+    finally:
+        await bus.close_client(redis)
+    raise TimeoutError(f"group {group} did not read {n} entries in {timeout} s")
+
+
+def _member(b: Bench, prefix: str, group: str, name: str, out: Path | None = None):
+    cmd = [sys.executable, "-m", "bench.streams", "--member", name, "--group", group]
+    cmd += ["--prefix", prefix, "--redis-url", b.redis_url]
+    if out is not None:
+        cmd += ["--lag-file", str(out)]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+async def _consumer_rate(b: Bench, n: int, members: int) -> dict:
+    import redis.asyncio as aioredis
+
+    from service import bus
+
+    prefix = f"{b.channel_prefix}read-{uuid.uuid4().hex[:6]}:"
+    await _fill(b, prefix, n)
+    group = "bench"
+    client = aioredis.Redis.from_url(b.redis_url)
+    for p in range(PARTITIONS):
+        await client.xgroup_create(bus.stream_key(prefix, p), group, id="0", mkstream=True)
+    procs = [_member(b, prefix, group, f"m{i}") for i in range(members)]
+    cpu0 = [0.0] * members
+    try:
+        took = await _group_done(b, prefix, group, n, timeout=120)
+        cpu = [_cpu(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait(10)
+        await client.delete(*[bus.stream_key(prefix, p) for p in range(PARTITIONS)])
+        await client.aclose()
+    return {
+        "members": members,
+        "events": n,
+        "seconds": round(took, 3),
+        "events_per_s": round(n / took),
+        "member_cpu_s": [round(c, 2) for c in cpu],
+    }
+
+
+def delivery_lag_member(b: Bench) -> tuple[subprocess.Popen, Path]:
+    """A member of a group of its own on the services' streams, recording each event's lag
+    (for the delivery step); stop it with `stop_lag_member`."""
+    out = Path(b.tmp) / "stream-lag.json"
+    return _member(b, b.channel_prefix, "bench-lag", "lag", out), out
+
+
+def stop_lag_member(proc: subprocess.Popen, out: Path) -> list[list[float]]:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        return []
+    try:
+        return json.loads(out.read_text())
+    except (OSError, ValueError):
+        return []
+
+
+def lag_between(samples: list[list[float]], t0: float, t1: float) -> dict:
+    return percentiles([lag for t, lag in samples if t0 <= t <= t1])
+
+
+def streams(b: Bench, plan, ports: list[int]) -> dict:
+    n = 20_000 if plan.quick else 100_000
+    append = asyncio.run(_append_cost(b, n, 64))
+    one = asyncio.run(_consumer_rate(b, n, 1))
+    four = asyncio.run(_consumer_rate(b, n, 4))
+    rows = [
+        [label, r["events"], r["batch"], r["service_cpu_us"], r["redis_cpu_us"], r["events_per_s"]]
+        for label, r in append.items()
+        if label != "xadd_adds"
+    ]
+    rows.append(
+        [
+            "XADD adds",
+            "",
+            "",
+            append["xadd_adds"]["service_cpu_us"],
+            append["xadd_adds"]["redis_cpu_us"],
+            "",
+        ]
+    )
+    print(
+        table(
+            "streams: the append (the service's publish path, this process)",
+            ["", "events", "batch", "service CPU µs/event", "redis CPU µs/event", "events/s"],
+            rows,
+        )
+    )
+    mem = append["publish + XADD"]["redis_memory_per_event_b"]
+    print(f"   Redis memory per retained entry: {mem} B")
+    print(
+        table(
+            "streams: the consumer (service.consumer, a handler that does nothing)",
+            ["members", "events", "seconds", "events/s", "target"],
+            [
+                [1, one["events"], one["seconds"], one["events_per_s"], ">= 20,000"],
+                [4, four["events"], four["seconds"], four["events_per_s"], ""],
+            ],
+        )
+    )
+    return {"append": append, "consumer_one": one, "consumer_four": four}
+
+
+# ---------------------------------------------------------------------------- a member
+
+
+async def _run_member(args: argparse.Namespace) -> list[list[float]]:
+    from service.consumer import Consumer
+
+    samples: list[list[float]] = []
+
+    async def handler(delivery) -> None:
+        if args.lag_file and delivery.entry_id:
+            now = time.time()
+            samples.append([now, now * 1000 - int(delivery.entry_id.split("-")[0])])
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    async with Consumer(
+        args.redis_url,
+        group=args.group,
+        consumer=args.member,
+        streams=PARTITIONS,
+        prefix=args.prefix,
+        batch=args.batch,
+    ) as consumer:
+        task = asyncio.create_task(consumer.run(handler))
+        await stop.wait()
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    return samples
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(prog="python -m bench.streams")
+    ap.add_argument("--member", required=True)
+    ap.add_argument("--group", required=True)
+    ap.add_argument("--prefix", required=True)
+    ap.add_argument("--redis-url", required=True)
+    ap.add_argument("--batch", type=int, default=100)
+    ap.add_argument("--lag-file")
+    args = ap.parse_args()
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    samples = asyncio.run(_run_member(args))
+    if args.lag_file:
+        Path(args.lag_file).write_text(json.dumps(samples))
+
+
+if __name__ == "__main__":
+    main()
