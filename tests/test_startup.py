@@ -94,9 +94,22 @@ def test_dev_on_a_port_in_use_names_the_port(tmp_path: Path, database_url, redis
     assert "--port" in one_line(err, f"port {port}", "in use")
 
 
+def free_pair() -> int:
+    """A port P with P + 1 free too: `dev` starts two processes, on P and P + 1."""
+    for _ in range(50):
+        port = free_port()
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 1))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no two free ports in a row")
+
+
 def test_dev_with_postgresql_unreachable_names_it(tmp_path: Path, redis_url):
     dsn = f"postgresql://root@127.0.0.1:{free_port()}/nowhere"
-    argv = [sys.executable, "-m", "service", "dev", "--port", str(free_port())]
+    argv = [sys.executable, "-m", "service", "dev", "--port", str(free_pair())]
     code, err = run(argv, _dev_env(DATABASE_URL=dsn, REDIS_URL=redis_url), tmp_path)
     assert code != 0
     assert "DATABASE_URL" in one_line(err, "PostgreSQL", "unreachable")
@@ -104,7 +117,7 @@ def test_dev_with_postgresql_unreachable_names_it(tmp_path: Path, redis_url):
 
 def test_dev_with_redis_unreachable_names_it(tmp_path: Path, database_url):
     url = f"redis://127.0.0.1:{free_port()}/0"
-    argv = [sys.executable, "-m", "service", "dev", "--port", str(free_port())]
+    argv = [sys.executable, "-m", "service", "dev", "--port", str(free_pair())]
     code, err = run(argv, _dev_env(DATABASE_URL=database_url, REDIS_URL=url), tmp_path)
     assert code != 0
     assert "REDIS_URL" in one_line(err, "Redis", "unreachable")
