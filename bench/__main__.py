@@ -32,6 +32,7 @@ STEPS = {
     "cluster": cluster.cluster,
     "socketio": peer.socketio,
     "streams": streams.streams,
+    "delivery_nostreams": streams.delivery_without_streams,
 }
 
 

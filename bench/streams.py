@@ -329,3 +329,30 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def delivery_without_streams(b: Bench, plan, ports: list[int]) -> dict:
+    """The delivery step again with EVENT_STREAMS=0 on both processes (no XADD), so that
+    what the streams cost the held rate is read within one run: compare with `delivery`."""
+    from . import steps
+
+    def restart(env: dict[str, str] | None) -> None:
+        for label, port in (("p1", ports[0]), ("p2", ports[1])):
+            b.stop_service(label)
+            b.start_service(label, port, env=env)
+
+    restart({"EVENT_STREAMS": "0"})
+    try:
+        found = steps.delivery(b, plan, ports)
+    finally:
+        restart(None)
+    with_streams = (b.results.get("delivery") or {}).get("highest_held_per_s")
+    without = found["highest_held_per_s"]
+    if with_streams and without:
+        drop = 1 - with_streams / without
+        found["streams_drop"] = round(drop, 3)
+        print(
+            f"   held with the streams {with_streams}/s, without {without}/s: "
+            f"{drop * 100:+.0f} % (target: a drop of at most 10 %)"
+        )
+    return found

@@ -378,10 +378,17 @@ class Consumer:
             if failing:
                 log.info("reading the event streams again", extra={"group": self.group})
                 failing, backoff = False, 0.1
+            # Each entry is acknowledged once the handler returned for it, a batch's in one
+            # XACK a partition: one round trip a batch, not one an event.
+            handled: dict[int, list[str]] = {}
             for key, entries in reply or ():
                 n = by_key[_s(key)]
                 for entry_id, fields in entries:
-                    await self._deliver(n, _s(entry_id), fields, 1)
+                    entry = _s(entry_id)
+                    if await self._deliver(n, entry, fields, 1, ack=False):
+                        handled.setdefault(n, []).append(entry)
+            if handled:
+                await self._ack(handled)
 
     async def _check_position(self, partitions: list[int]) -> None:
         """Run the position check on the partitions; recreate what is lost and queue the
@@ -446,13 +453,30 @@ class Consumer:
 
     # ------------------------------------------------------------------ handing over
 
-    async def _deliver(self, n: int, entry_id: str, fields: dict, deliveries: int) -> None:
+    async def _ack(self, handled: dict[int, list[str]]) -> None:
+        try:
+            async with self.redis.pipeline(transaction=False) as pipe:
+                for n, ids in handled.items():
+                    pipe.xack(self.key(n), self.group, *ids)
+                await pipe.execute()
+        except bus.REDIS_ERRORS as exc:
+            # Handled but not acknowledged: they come again, duplicates, not losses.
+            log.warning(
+                "could not acknowledge entries",
+                extra={"count": sum(map(len, handled.values())), "error": repr(exc)},
+            )
+
+    async def _deliver(
+        self, n: int, entry_id: str, fields: dict, deliveries: int, *, ack: bool = True
+    ) -> bool:
+        """Hand an entry over; acknowledge it once handled (`ack`), or say it was handled so
+        that the caller acknowledges it with others."""
         if _id_key(entry_id) > _id_key(self._known.get(n, "0-0")):
             self._known[n] = entry_id
         payload = fields.get(b"event")
         if payload is None:
             await self._move_to_dead(n, entry_id, 0, "the entry has no event field")
-            return
+            return False
         try:
             head = _head.decode(payload)
         except schemas.DECODE_ERRORS:
@@ -460,6 +484,8 @@ class Consumer:
         delivery = Delivery(payload, head.event_id, n, entry_id, deliveries)
         if await self._hand(delivery):
             self._errors.pop((n, entry_id), None)
+            if not ack:
+                return True
             try:
                 await self.redis.xack(self.key(n), self.group, entry_id)
             except bus.REDIS_ERRORS as exc:
@@ -468,6 +494,7 @@ class Consumer:
                     "could not acknowledge an entry",
                     extra={"partition": n, "entry_id": entry_id, "error": repr(exc)},
                 )
+        return False
 
     async def _hand(self, delivery: Delivery) -> bool:
         """Call the handler; True if it returned. Its failure is logged in one line."""
