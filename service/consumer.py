@@ -55,6 +55,7 @@ import asyncio
 import logging
 import os
 import socket
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
@@ -67,6 +68,10 @@ from redis.exceptions import ResponseError
 from . import bus, schemas
 
 log = logging.getLogger(__name__)
+
+
+# Seconds between two position checks of a group that is caught up (see `_read_loop`).
+CHECK_EVERY = 1.0
 
 
 class Delivery(NamedTuple):
@@ -349,10 +354,17 @@ class Consumer:
         by_key = {self.key(n): n for n in partitions}
         failing = False
         backoff = 0.1
+        # The position check (XINFO on every partition) runs before each read while the
+        # group is behind (the last read filled its batch: a trim can only overtake a group
+        # that far back), and at most once a CHECK_EVERY seconds once it is caught up; a
+        # NOGROUP answer checks at once.
+        behind, checked = True, 0.0
         while True:
             bus._stop_if_cancelled()
             try:
-                await self._check_position(partitions)
+                if behind or time.monotonic() - checked >= CHECK_EVERY:
+                    await self._check_position(partitions)
+                    checked = time.monotonic()
                 reply = await self.redis.xreadgroup(
                     self.group,
                     self.name,
@@ -363,6 +375,7 @@ class Consumer:
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
+                behind = True
                 await asyncio.sleep(0.05)  # lost between the check and the read: check again
                 continue
             except bus.REDIS_ERRORS as exc:
@@ -381,6 +394,7 @@ class Consumer:
             # Each entry is acknowledged once the handler returned for it, a batch's in one
             # XACK a partition: one round trip a batch, not one an event.
             handled: dict[int, list[str]] = {}
+            behind = any(len(entries) >= self._batch for _, entries in reply or ())
             for key, entries in reply or ():
                 n = by_key[_s(key)]
                 for entry_id, fields in entries:
