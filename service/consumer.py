@@ -18,8 +18,9 @@ What it promises, and how:
   (one Lua script on the partition's slot), to `<prefix>stream:{<n>}:dead` with the fields
   `event` (as it was), `group`, `id` (the original entry id), `deliveries` and `error` (the
   last error this process saw for it), and XACKed; the rest flows on.
-* **Its position gone, the hole filled from the API.** Before each read of a partition one
-  Lua script looks at the group on that partition, and the consumer catches up from
+* **Its position gone, the hole filled from the API.** Before each read while the group is
+  behind (at most once a `CHECK_EVERY` once it has caught up), one Lua script looks at the
+  group on each partition, and the consumer catches up from
   `GET /api/events` (handing those events to the same `handler`, `entry_id` None) when:
   - `lost`: the stream or the group is gone (Redis restarted empty, a shard lost the key).
     The group is created again at `0` (whatever the stream holds now is read) and the
