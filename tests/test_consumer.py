@@ -497,7 +497,13 @@ async def test_a_cluster_master_killed_during_load_loses_nothing(
         ):
             await send_many(api, couples, 16, together=4)
             await all_seen([seen], database_url, couples)
-            victim = redis_cluster.node_of(f"{s.channel_prefix}stream:{{{couples[0].id.int % 16}}}")
+            # A master whose partitions carry the load and that still has a replica (the
+            # session's cluster may have lost one to an earlier test's kill).
+            owners = [
+                redis_cluster.node_of(f"{s.channel_prefix}stream:{{{c.id.int % 16}}}")
+                for c in couples
+            ]
+            victim = next(m for m in owners if redis_cluster.replicas_of(m))
             load = asyncio.create_task(send_many(api, couples, 24, together=2))
             await asyncio.to_thread(redis_cluster.kill, victim)
             await load
