@@ -362,7 +362,7 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
         task.remove_done_callback(_report_death)
     # Bounded: a cancellation swallowed below us (seen with redis-py's pipeline while the
     # outbox relay publishes) must not keep the process from exiting.
-    stuck = await _cancel(list(running.values()), 2.0)
+    stuck = await bus.cancel_until_done(list(running.values()), 2.0)
     for task in stuck:
         log.error("background task did not stop when cancelled", extra={"task": task.get_name()})
     log.info("stopped", extra={"pid": os.getpid()})
@@ -371,22 +371,7 @@ async def _shutdown(settings, gateway, presence, gestures, publisher, running) -
 async def _stop(task: asyncio.Task) -> None:
     """Cancel one background task and wait (at most 2 s) until it ended."""
     task.remove_done_callback(_report_death)
-    await _cancel([task], 2.0)
-
-
-async def _cancel(tasks: list[asyncio.Task], timeout: float) -> set[asyncio.Task]:
-    """Cancel the tasks, again every 0.1 s while any runs, for at most `timeout`; return
-    those still running. redis-py can swallow a cancel that lands while it connects: the
-    subscriber then went on reconnecting after shutdown, and asyncio.run, which cancels
-    what is left once, waited for it forever (a process that never exited)."""
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    pending = {t for t in tasks if not t.done()}
-    while pending and loop.time() < deadline:
-        for task in pending:
-            task.cancel()
-        _, pending = await asyncio.wait(pending, timeout=min(0.1, deadline - loop.time()))
-    return pending
+    await bus.cancel_until_done([task], 2.0)
 
 
 def _report_death(task: asyncio.Task) -> None:

@@ -422,6 +422,21 @@ def _now() -> datetime:
     return datetime.now(UTC)
 
 
+async def cancel_until_done(tasks: Iterable[asyncio.Task], timeout: float) -> set[asyncio.Task]:
+    """Cancel the tasks, again every 0.1 s while any runs, for at most `timeout`; return
+    those still running. redis-py can swallow a cancel (one that lands while it connects, or
+    as its own read timeout fires, which then uncancels the task): a loop that retries Redis
+    errors then goes on after it was told to stop, and a single cancel waits for it forever."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    pending = {t for t in tasks if not t.done()}
+    while pending and loop.time() < deadline:
+        for task in pending:
+            task.cancel()
+        _, pending = await asyncio.wait(pending, timeout=min(0.1, deadline - loop.time()))
+    return pending
+
+
 def _stop_if_cancelled() -> None:
     """Honour a cancel that a library swallowed (seen with redis-py's pipeline execute):
     without this a loop that catches errors would spin on after shutdown cancelled it."""

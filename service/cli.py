@@ -632,6 +632,8 @@ def consume_events(args: argparse.Namespace) -> int:
 
 
 async def _consume(member: "consumer.Consumer", report_every: float) -> int:
+    from . import bus
+
     out = sys.stdout.buffer
 
     async def show(delivery: "consumer.Delivery") -> None:
@@ -653,8 +655,7 @@ async def _consume(member: "consumer.Consumer", report_every: float) -> int:
         reporter = asyncio.create_task(_report_lag(member, report_every))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait([runner, stopping], return_when=asyncio.FIRST_COMPLETED)
-        for task in (runner, reporter, stopping):
-            task.cancel()
+        await bus.cancel_until_done([runner, reporter, stopping], timeout=10.0)
         await asyncio.gather(runner, reporter, stopping, return_exceptions=True)
         if not stop.is_set() and runner.exception() is not None:
             print(f"error: the consumer stopped: {runner.exception()!r}", file=sys.stderr)

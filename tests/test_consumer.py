@@ -19,6 +19,7 @@ import httpx
 import pytest
 import redis.asyncio as aioredis
 
+from service import bus
 from service import consumer as consumer_module
 from service.consumer import Consumer, Delivery
 
@@ -112,7 +113,7 @@ class Running:
 
     async def stop(self) -> None:
         if self.task is not None and not self.task.done():
-            self.task.cancel()
+            await bus.cancel_until_done([self.task], timeout=10.0)
             try:
                 await self.task
             except asyncio.CancelledError:
