@@ -7,9 +7,7 @@ import asyncio
 import fcntl
 import json
 import os
-import shutil
 import signal
-import subprocess
 import sys
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -27,13 +25,12 @@ from .conftest import (
     ROOT,
     InProcess,
     Settings,
-    free_port,
     make_couple,
     make_settings,
     settings_env,
     token,
 )
-from .support_helpers import eventually, send
+from .support_helpers import OwnRedis, eventually, send
 
 pytestmark = pytest.mark.anyio
 
@@ -387,60 +384,6 @@ async def test_a_stream_trimmed_past_a_stopped_group_is_filled_from_the_api_once
         await client.aclose()
 
 
-class OwnRedis:
-    """A redis-server of this test's own, without persistence: killed and started again,
-    it comes back empty."""
-
-    def __init__(self, workdir) -> None:
-        self.port = free_port()
-        self.workdir = workdir
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
-
-    def spawn(self) -> None:
-        self.proc = subprocess.Popen(
-            [
-                "redis-server",
-                "--port",
-                str(self.port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                str(self.workdir),
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    async def start(self) -> None:
-        self.spawn()
-        client = aioredis.Redis.from_url(self.url)
-
-        async def answers() -> bool:
-            try:
-                return await client.ping()
-            except (aioredis.RedisError, OSError):
-                return False
-
-        try:
-            await eventually(answers, timeout=10)
-        finally:
-            await client.aclose()
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-
-@pytest.mark.skipif(shutil.which("redis-server") is None, reason="no redis-server binary")
 async def test_redis_restarted_empty_while_events_flow_loses_nothing(
     database_url, prefix, tmp_path
 ):
@@ -458,7 +401,7 @@ async def test_redis_restarted_empty_while_events_flow_loses_nothing(
         ):
             await send_many(api, couples, 12, together=4)
             await all_seen([seen], database_url, couples)
-            own.kill()
+            own.stop()  # kill -9: it comes back empty
             await send_many(api, couples, 4)  # committed; published once Redis is back
             await own.start()
             await send_many(api, couples, 8, together=4)
@@ -471,7 +414,7 @@ async def test_redis_restarted_empty_while_events_flow_loses_nothing(
         assert counts.get("catchups:lost", 0) >= 1, counts
     finally:
         await svc.stop()
-        own.kill()
+        own.stop()
 
 
 @pytest.mark.multiprocess
