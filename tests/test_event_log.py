@@ -250,3 +250,49 @@ async def test_a_delivery_mark_counts_only_where_the_row_still_matches_the_copy(
     assert (await store.get_gesture(db, ids[1])).delivered_at is None
     # Marked once: a second mark of the same copy finds it delivered and writes nothing.
     assert await store.mark_delivered_from(db, ids[:1], at, events[:1], 0) == (set(), [])
+
+
+async def test_delivery_mark_looks_gestures_up_by_key_in_a_table_grown_since_analyze(
+    fresh_database,
+):
+    """A new database whose statistics still say `connection_gestures` is empty, 20,000
+    unacknowledged gestures later: the delivery mark must find its rows by primary key, not
+    read the partial index of every unacknowledged gesture (which it did, 12 ms a batch at
+    16,000 rows, and more as the table grew). A sequential scan is no better."""
+    conn = await asyncpg.connect(fresh_database)
+    try:
+        await store.apply_migrations(conn, lambda _: None)
+        couple = await make_couple(fresh_database)
+        await conn.execute("ANALYZE connection_gestures")
+        ids = [uuid.uuid4() for _ in range(20_000)]
+        await conn.execute(
+            """INSERT INTO connection_gestures (id, relationship_id, gesture_type, sent_by)
+            SELECT id, $2, 'hug', 'partner_a' FROM unnest($1::uuid[]) AS t(id)""",
+            ids,
+            couple.id,
+        )
+        marked = ids[-20:]
+        plan = "\n".join(
+            r[0]
+            for r in await conn.fetch(
+                "EXPLAIN " + store.MARK_DELIVERED_FROM,
+                marked,
+                datetime.now(UTC),
+                0,
+                ["channel"] * 20,
+                [b"{}"] * 20,
+                [couple.id] * 20,
+            )
+        )
+        assert "idx_gestures_unacknowledged" not in plan, plan
+        assert "Seq Scan on connection_gestures" not in plan, plan
+        # And it marks what it should: all 20, each once.
+        first, _ = await store.mark_delivered_from(
+            conn, marked, datetime.now(UTC), [("c", b"{}", couple.id)] * 20, 0
+        )
+        again, _ = await store.mark_delivered_from(
+            conn, marked, datetime.now(UTC), [("c", b"{}", couple.id)] * 20, 0
+        )
+        assert (first, again) == (set(marked), set())
+    finally:
+        await conn.close()
