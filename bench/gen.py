@@ -67,6 +67,9 @@ class Received:
     def __init__(self) -> None:
         self.keys: dict[str, set[str]] = {}
         self.lat: dict[str, list[float]] = {}
+        # Per tag, per second of arrival (epoch): how many arrived later than 50 ms, to
+        # tell one stall from a tail spread over the whole window.
+        self.slow: dict[str, dict[int, int]] = {}
 
     def note(self, message: str | None, now: float) -> None:
         if not message or not message.startswith("b|"):
@@ -80,12 +83,17 @@ class Received:
         if key in keys:
             return
         keys.add(key)
-        self.lat.setdefault(tag, []).append(round((now - sent) * 1000.0, 3))
+        ms = (now - sent) * 1000.0
+        self.lat.setdefault(tag, []).append(round(ms, 3))
+        if ms > 50.0:
+            slow = self.slow.setdefault(tag, {})
+            slow[int(now)] = slow.get(int(now), 0) + 1
 
     def report(self, tag: str, full: bool) -> dict:
         out = {"n": len(self.keys.get(tag, ()))}
         if full:
             out["lat"] = self.lat.get(tag, [])
+            out["slow"] = self.slow.get(tag, {})
         return out
 
 
