@@ -42,6 +42,7 @@ from redis.exceptions import NoScriptError
 from . import errors, metrics, store, suggestions
 from .auth import Caller, role_of
 from .bus import REDIS_ERRORS, Publisher, channel_for, control_channel
+from .coalesce import Coalescer
 from .config import Settings
 from .presence import Presence
 from .schemas import (
@@ -97,6 +98,18 @@ class _SendItem:
         self.online = online
 
 
+class _Window:
+    """One request to count in a rate-limit window. Hashed by identity: each is its own key
+    in the batch that counts it."""
+
+    __slots__ = ("args", "key", "more")
+
+    def __init__(self, key: str, args: tuple, more) -> None:
+        self.key = key
+        self.args = args
+        self.more = more
+
+
 class _Sent:
     """The outcome of one send inside a group commit."""
 
@@ -143,6 +156,7 @@ class Gestures:
         self._suggester = suggester or suggestions.Suggester()
         self._timeout = settings.db_timeout
         self._rate_limit = redis.register_script(_RATE_LIMIT)
+        self._windows: Coalescer[_Window, list] = Coalescer(self._count_windows)
         self._relationships: dict[uuid.UUID, tuple[float, Relationship]] = {}
         self._relationship_ttl = relationship_ttl
         # Relationship changes applied so far: a row read while one arrived is not cached
@@ -362,23 +376,9 @@ class Gestures:
         """Count one request in the sliding window `key` (RateLimited past `limit` a minute),
         with whatever `more` adds to the same pipeline; its results, None when Redis is away
         (then the request is admitted)."""
-        args = (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex)
+        call = _Window(key, (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex), more)
         try:
-            for attempt in (1, 2):
-                async with self._redis.pipeline(transaction=False) as pipe:
-                    # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
-                    # before every execute, a round trip per send. And as a plain command: on
-                    # a cluster redis-py refuses `pipe.evalsha`, yet routes this by its key.
-                    pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, key, *args)
-                    if more is not None:
-                        more(pipe)
-                    try:
-                        results = await pipe.execute()
-                        break
-                    except NoScriptError:
-                        if attempt == 2:
-                            raise
-                        await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
+            results = await self._windows.get(call)
         except REDIS_ERRORS as exc:
             log.warning("rate limit unavailable, admitting", extra={"error": repr(exc)})
             return None
@@ -388,6 +388,30 @@ class Gestures:
                 f"at most {limit} {what} a minute", retry_after=math.ceil(wait_ms / 1000)
             )
         return results
+
+    async def _count_windows(self, calls: list["_Window"]) -> dict["_Window", list]:
+        """The windows of every request that came in this turn of the loop (or while the
+        previous batch was out), in one pipeline: one round trip to Redis, not one a send."""
+        for attempt in (1, 2):
+            async with self._redis.pipeline(transaction=False) as pipe:
+                spans = []
+                for call in calls:
+                    start = len(pipe)
+                    # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
+                    # before every execute, a round trip per batch. And as a plain command:
+                    # on a cluster redis-py refuses `pipe.evalsha`, yet routes this by key.
+                    pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, call.key, *call.args)
+                    if call.more is not None:
+                        call.more(pipe)
+                    spans.append((start, len(pipe)))
+                try:
+                    results = await pipe.execute()
+                    break
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
+        return {call: results[a:b] for call, (a, b) in zip(calls, spans, strict=True)}
 
     async def _replay(
         self, new: store.NewGesture, key: str | None, fingerprint: bytes
