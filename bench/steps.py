@@ -350,7 +350,8 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
             )
             if late:
                 print(
-                    f"   {rate}/s: arrived over 50 ms, by second of the window: "
+                    f"   {rate}/s (from {time.strftime('%H:%M:%S', time.localtime(t_go))}):"
+                    " arrived over 50 ms, by second of the window: "
                     + ", ".join(f"{k}s {v}" for k, v in late.items()),
                     flush=True,
                 )
