@@ -175,8 +175,10 @@ async def _group_done(b: Bench, prefix: str, group: str, n: int, timeout: float)
     raise TimeoutError(f"group {group} did not read {n} entries in {timeout} s")
 
 
-def _member(b: Bench, prefix: str, group: str, name: str, out: Path | None = None):
+def _member(b: Bench, prefix: str, group: str, name: str, out: Path | None = None, nice: int = 0):
     cmd = [sys.executable, "-m", "bench.streams", "--member", name, "--group", group]
+    if nice:
+        cmd = ["nice", "-n", str(nice), *cmd]
     cmd += ["--prefix", prefix, "--redis-url", b.redis_url]
     if out is not None:
         cmd += ["--lag-file", str(out)]
@@ -215,14 +217,24 @@ async def _consumer_rate(b: Bench, n: int, members: int) -> dict:
     }
 
 
-def delivery_lag_member(b: Bench) -> tuple[subprocess.Popen, Path]:
+def delivery_lag_member(b: Bench) -> tuple[subprocess.Popen | None, Path]:
     """A member of a group of its own on the services' streams, recording each event's lag
-    (for the delivery step); stop it with `stop_lag_member`."""
+    (for the delivery step); stop it with `stop_lag_member`.
+
+    It stands for another service, which runs on machines of its own: here it shares the
+    two cores with the services, so it runs at nice 19 and takes only what they leave
+    (BENCH_LAG_MEMBER_NICE=0: at the services' priority, where its 11 % of a core cost
+    the held rate about a third on the 2-core machine; BENCH_LAG_MEMBER=0: no member)."""
     out = Path(b.tmp) / "stream-lag.json"
-    return _member(b, b.channel_prefix, "bench-lag", "lag", out), out
+    if os.environ.get("BENCH_LAG_MEMBER") == "0":
+        return None, out
+    nice = int(os.environ.get("BENCH_LAG_MEMBER_NICE", "19"))
+    return _member(b, b.channel_prefix, "bench-lag", "lag", out, nice=nice), out
 
 
-def stop_lag_member(proc: subprocess.Popen, out: Path) -> list[list[float]]:
+def stop_lag_member(proc: subprocess.Popen | None, out: Path) -> list[list[float]]:
+    if proc is None:
+        return []
     proc.send_signal(signal.SIGTERM)
     try:
         proc.wait(15)
