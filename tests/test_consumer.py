@@ -110,7 +110,8 @@ class Running:
 
     async def stop(self) -> None:
         if self.task is not None and not self.task.done():
-            await bus.cancel_until_done([self.task], timeout=10.0)
+            stuck = await bus.cancel_until_done([self.task], timeout=10.0)
+            assert not stuck, "the consumer did not stop within 10 s of being cancelled"
             try:
                 await self.task
             except asyncio.CancelledError:
