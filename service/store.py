@@ -602,11 +602,12 @@ async def mark_delivered(conn: Connection, ids: Sequence[uuid.UUID]) -> list[Ges
     return [_gesture(r) for r in rows]
 
 
-# A primary-key lookup for each id, whatever the statistics say. With `acknowledged_at IS
-# NULL` spelt out, a table that grew since its last ANALYZE (a new database, a bulk
-# load) had the planner read the whole partial index of unacknowledged gestures on
-# every mark: 12 ms a batch at 16,000 rows in the bench, growing with the table. The
-# coalesce says the same (neither set) without matching that index's predicate.
+# With `acknowledged_at IS NULL` spelt out, a table that grew since its last ANALYZE (a
+# new database, a bulk load) had the planner read the whole partial index of
+# unacknowledged gestures on every mark: 12 ms a batch at 16,000 rows in the bench,
+# growing with the table. The coalesce says the same (neither set) without matching that
+# index's predicate. Still open (docs/performance.md): a generic plan cached while the
+# table was tiny scans the whole table until an ANALYZE replaces it.
 MARK_DELIVERED_FROM = """WITH m AS (
         UPDATE connection_gestures g SET delivered_at = $2
         FROM unnest($1::uuid[]) AS t(id)
