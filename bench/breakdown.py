@@ -26,6 +26,7 @@ from pathlib import Path
 
 import psutil
 
+from .infra import process_cpu
 from .report import table
 
 SETTLE_S = 11.0  # PGSTAT_IDLE_INTERVAL (10 s) and a margin
@@ -111,13 +112,6 @@ class Counters:
         self.pgss = bench.pg_stat_statements
 
     # ------------------------------------------------------------------ reading
-
-    def _cpu(self, pid: int) -> float:
-        try:
-            t = psutil.Process(pid).cpu_times()
-            return t.user + t.system
-        except (psutil.NoSuchProcess, psutil.AccessDenied):
-            return 0.0
 
     def _postgres_cpu(self) -> dict[str, dict[int, float]]:
         out: dict[str, dict[int, float]] = {"backends": {}, "walwriter": {}, "other": {}}
@@ -210,10 +204,10 @@ class Counters:
 
         return {
             "t": time.time(),
-            "sender": self._cpu(self.sender_pid),
-            "recipient": self._cpu(self.recipient_pid),
+            "sender": process_cpu(self.sender_pid),
+            "recipient": process_cpu(self.recipient_pid),
             "postgres": self._postgres_cpu(),
-            "redis_cpu": self._cpu(self.b.redis_pid) if self.b.redis_pid else 0.0,
+            "redis_cpu": process_cpu(self.b.redis_pid) if self.b.redis_pid else 0.0,
             "pg": self._pg(),
             "redis": self._redis(),
         }

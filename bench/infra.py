@@ -54,6 +54,17 @@ def free_port() -> int:
             return port
 
 
+def process_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far; 0 for one gone or None."""
+    if pid is None:
+        return 0.0
+    try:
+        t = psutil.Process(pid).cpu_times()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return 0.0
+    return t.user + t.system
+
+
 def _dsn_with_db(dsn: str, db: str) -> str:
     return dsn.rsplit("/", 1)[0] + "/" + db
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from . import breakdown
 from . import streams as bench_streams
 from .breakdown import IDLE_WINDOW_S, SETTLE_S, Counters
-from .infra import WS_PROTOCOL, Bench, Gen, free_port
+from .infra import WS_PROTOCOL, Bench, Gen, free_port, process_cpu
 from .report import CPU_HEADERS, cpu_cells, percentiles, table
 
 
@@ -293,13 +293,13 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
             if plan.profile_dir and rate == plan.profile_rate:
                 spies = _start_profiles(b, plan)
             c0 = b.cpu.snapshot(gens)
-            m0 = bench_streams._cpu(lag_member.pid if lag_member else None)
+            m0 = process_cpu(lag_member.pid if lag_member else None)
             t_go = time.time()
             for g in send:
                 g.send("go", rate=rate / len(send), duration=plan.delivery_duration, tag=tag)
             done = [g.expect("done", plan.delivery_duration + 30) for g in send]
             t_done = time.time()
-            member_cpu = bench_streams._cpu(lag_member.pid if lag_member else None) - m0
+            member_cpu = process_cpu(lag_member.pid if lag_member else None) - m0
             windows.append((rate, t_go, t_done + 1.0))
             cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
             sent = sum(d["sent"] for d in done)

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from .infra import ROOT, Bench
+from .infra import ROOT, Bench, process_cpu
 from .report import percentiles, table
 
 PARTITIONS = 16
@@ -69,16 +69,6 @@ def _redis_pid(b: Bench) -> int | None:
         return None
 
 
-def _cpu(pid: int | None) -> float:
-    if pid is None:
-        return 0.0
-    try:
-        t = psutil.Process(pid).cpu_times()
-        return t.user + t.system
-    except psutil.Error:
-        return 0.0
-
-
 async def _append_cost(b: Bench, n: int, batch: int) -> dict:
     from service import bus, store
 
@@ -105,14 +95,14 @@ async def _append_cost(b: Bench, n: int, batch: int) -> dict:
                 log_retention_days=7,
             )
             mem0 = (await redis.info("memory"))["used_memory"]
-            c_me, c_redis, t0 = me.cpu_times(), _cpu(rpid), time.perf_counter()
+            c_me, c_redis, t0 = me.cpu_times(), process_cpu(rpid), time.perf_counter()
             for i in range(0, n, batch):
                 if not await pub._send(rows[i : i + batch]):
                     raise RuntimeError("Redis refused the bench's events")
             wall = time.perf_counter() - t0
             c_me2 = me.cpu_times()
             service = (c_me2.user + c_me2.system - c_me.user - c_me.system) / n * 1e6
-            redis_us = (_cpu(rpid) - c_redis) / n * 1e6
+            redis_us = (process_cpu(rpid) - c_redis) / n * 1e6
             mem1 = (await redis.info("memory"))["used_memory"]
             out[label] = {
                 "events": n,
@@ -200,7 +190,7 @@ async def _consumer_rate(b: Bench, n: int, members: int) -> dict:
     cpu0 = [0.0] * members
     try:
         took = await _group_done(b, prefix, group, n, timeout=120)
-        cpu = [_cpu(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
+        cpu = [process_cpu(p.pid) - c for p, c in zip(procs, cpu0, strict=True)]
     finally:
         for p in procs:
             p.terminate()
