@@ -19,6 +19,7 @@ VERSIONS = [
     "012_gesture_service",
     "013_gesture_suggestions",
     "014_event_log",
+    "015_delivery_mark",
 ]
 
 
