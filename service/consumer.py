@@ -73,6 +73,8 @@ log = logging.getLogger(__name__)
 
 # Seconds between two position checks of a group that is caught up (see `_read_loop`).
 CHECK_EVERY = 1.0
+# How long `run` keeps cancelling its loops once it was told to stop.
+STOP_TIMEOUT = 10.0
 
 
 class Delivery(NamedTuple):
@@ -268,6 +270,7 @@ class Consumer:
         self._redis: bus.Client | None = None
         self._http: httpx.AsyncClient | None = None
         self._handler: Handler | None = None
+        self._stopping = False  # set when `run` stops: its loops end at their next turn
         self._lock = asyncio.Lock()
         # What this process knows of the group, per partition: the highest last-delivered
         # id it observed, the same at the last claim pass, and the oldest pending entry then.
@@ -343,11 +346,30 @@ class Consumer:
         readers = (
             [[n] for n in range(self._streams)] if self._cluster else [list(range(self._streams))]
         )
-        async with asyncio.TaskGroup() as tasks:
-            tasks.create_task(self._catch_up_loop())
-            tasks.create_task(self._claim_loop())
-            for partitions in readers:
-                tasks.create_task(self._read_loop(partitions))
+        self._stopping = False
+        loops = [
+            asyncio.create_task(self._catch_up_loop()),
+            asyncio.create_task(self._claim_loop()),
+            *(asyncio.create_task(self._read_loop(partitions)) for partitions in readers),
+        ]
+        # Not a TaskGroup: it cancels its tasks once, and redis-py can swallow a cancel and
+        # uncancel the task (one that lands as its own read timeout fires), after which a
+        # loop that retries Redis errors would run on and `run` would never return. The
+        # loops also stop at their next turn once `_stopping` is set.
+        try:
+            done, _ = await asyncio.wait(loops, return_when=asyncio.FIRST_EXCEPTION)
+            for task in done:
+                task.result()  # the loops end only by raising: a bug or a fatal error
+        finally:
+            self._stopping = True
+            stopper = asyncio.ensure_future(bus.cancel_until_done(loops, STOP_TIMEOUT))
+            while not stopper.done():
+                try:  # a second cancel of `run` must not leave its loops running
+                    await asyncio.shield(stopper)
+                except asyncio.CancelledError:
+                    continue
+            if stopper.result():
+                log.error("a consumer loop did not stop", extra={"group": self.group})
 
     # ------------------------------------------------------------------ reading
 
@@ -360,7 +382,7 @@ class Consumer:
         # that far back), and at most once a CHECK_EVERY seconds once it is caught up; a
         # NOGROUP answer checks at once.
         behind, checked = True, 0.0
-        while True:
+        while not self._stopping:
             bus._stop_if_cancelled()
             try:
                 if behind or time.monotonic() - checked >= CHECK_EVERY:
@@ -541,7 +563,7 @@ class Consumer:
     # ------------------------------------------------------------------ claims, dead letters
 
     async def _claim_loop(self) -> None:
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self._claim_interval)
             for n in range(self._streams):
                 try:
@@ -647,7 +669,7 @@ class Consumer:
         self._catchups.put_nowait(catch_up)
 
     async def _catch_up_loop(self) -> None:
-        while True:
+        while not self._stopping:
             wanted = [await self._catchups.get()]
             while not self._catchups.empty():
                 wanted.append(self._catchups.get_nowait())
@@ -661,7 +683,7 @@ class Consumer:
                 )
                 continue
             backoff = 0.2
-            while True:
+            while not self._stopping:
                 try:
                     await self._catch_up(wanted)
                     break
