@@ -131,6 +131,7 @@ def main() -> int:
 
             own = OwnServers().__enter__()
             bench = Bench(args.quick, admin_dsn=own.admin_dsn, redis_url=own.redis_url)
+            bench.pg_log = own.log
         else:
             bench = Bench(args.quick)
         with bench:

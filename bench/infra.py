@@ -333,6 +333,7 @@ class Bench:
         self.dsn = _dsn_with_db(self.admin_dsn, self.db)
         self.redis_url = redis_url or REDIS_URL
         self.own_servers = admin_dsn is not None
+        self.pg_log: Path | None = None  # the own server's log (`servers.server_events`)
         # Readable on this server (set by __main__ when the server preloads the library).
         self.pg_stat_statements = False
         self.redis_cluster = False  # the cluster step points the services at a cluster

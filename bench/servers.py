@@ -54,7 +54,7 @@ class OwnServers:
     def _start_pg(self) -> None:
         pg = self.tmp / "pg"
         pg.mkdir()
-        log = self.tmp / "postgres.log"
+        log = self.log
         log.touch()
         if _as_postgres([]) != []:
             shutil.chown(pg, "postgres", "postgres")
@@ -82,7 +82,10 @@ class OwnServers:
             f"-p {self.port} -c listen_addresses=127.0.0.1 -c unix_socket_directories='' "
             "-c max_connections=200 -c shared_buffers=128MB "
             "-c shared_preload_libraries=pg_stat_statements -c pg_stat_statements.max=1000 "
-            "-c pg_stat_statements.track_utility=on"
+            "-c pg_stat_statements.track_utility=on "
+            # What the server did on its own during a window (`server_events`): every
+            # autovacuum and autoanalyze, and the checkpoints (logged by default).
+            "-c log_autovacuum_min_duration=0 -c log_checkpoints=on -c log_line_prefix='%n '"
         )
         subprocess.run(
             _as_postgres(
@@ -105,6 +108,10 @@ class OwnServers:
         )
         self.pg_started = True
 
+    @property
+    def log(self) -> Path:
+        return self.tmp / "postgres.log"
+
     def stop(self) -> None:
         if self.redis is not None:
             try:
@@ -123,3 +130,25 @@ class OwnServers:
             )
             self.pg_started = False
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+_EVENTS = ("automatic vacuum", "automatic analyze", "checkpoint starting", "checkpoint complete")
+
+
+def server_events(log: Path | None, t0: float, t1: float) -> list[str]:
+    """What PostgreSQL did on its own between t0 and t1 (epoch seconds), from its log:
+    autovacuum, autoanalyze and checkpoints, each as "+S.Ss what" from t0. Nothing when the
+    server is not the bench's own."""
+    if log is None or not log.exists():
+        return []
+    found = []
+    for line in log.read_text(errors="replace").splitlines():
+        stamp, _, rest = line.partition(" ")
+        try:
+            at = float(stamp)
+        except ValueError:
+            continue  # a continuation line (DETAIL, a statement's text)
+        message = rest.split(":", 1)[-1].strip() if rest.startswith("LOG:") else rest
+        if t0 <= at <= t1 and message.startswith(_EVENTS):
+            found.append(f"+{at - t0:.1f}s {message[:100]}")
+    return found

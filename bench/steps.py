@@ -12,6 +12,7 @@ from . import streams as bench_streams
 from .breakdown import IDLE_WINDOW_S, SETTLE_S, Counters
 from .infra import WS_PROTOCOL, Bench, Gen, free_port, process_cpu
 from .report import CPU_HEADERS, cpu_cells, percentiles, table
+from .servers import server_events
 
 
 @dataclass
@@ -311,6 +312,7 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
             got = sum(r["n"] for r in reps)
             lat = percentiles([x for r in reps for x in r["lat"]])
             late = _late_by_second(reps, t_go)
+            pg_events = server_events(b.pg_log, t_go, t_done)
             persisted = b.query(
                 "SELECT count(*) FROM connection_gestures WHERE message LIKE $1", f"b|{tag}|%"
             )
@@ -329,6 +331,7 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                 "held": ok,
                 "profiled": bool(spies),
                 "late_by_second": late,
+                "pg_server_events": pg_events,
                 "stream_member_cpu_pct": round(member_cpu / (t_done - t_go) * 100, 1),
             }
             # PostgreSQL's statistics reach its views up to 10 s after the load.
@@ -358,6 +361,8 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                     + ", ".join(f"{k}s {v}" for k, v in late.items()),
                     flush=True,
                 )
+            for event in pg_events:
+                print(f"   {rate}/s: PostgreSQL {event}", flush=True)
             if ok:
                 held = rate
             else:
