@@ -334,6 +334,9 @@ class Bench:
         self.redis_url = redis_url or REDIS_URL
         self.own_servers = admin_dsn is not None
         self.pg_log: Path | None = None  # the own server's log (`servers.server_events`)
+        # Delivery steps run so far on this database: each tags its rows apart, so that
+        # counting one step's rows in SQL does not count an earlier step's too.
+        self.delivery_runs = 0
         # Readable on this server (set by __main__ when the server preloads the library).
         self.pg_stat_statements = False
         self.redis_cluster = False  # the cluster step points the services at a cluster

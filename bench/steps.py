@@ -118,6 +118,31 @@ def _late_by_second(reports: list[dict], t0: float) -> dict[int, int]:
     return dict(sorted(late.items()))
 
 
+def _stages_by_second(b: Bench, tag: str, t0: float) -> dict[int, tuple[float, float]]:
+    """From the rows themselves, by whole second of the send since `t0`: the longest time
+    from a generator's send to PostgreSQL starting the gesture's INSERT (`sent_at`: the WS
+    read, the rate limit, the group commit's queue) and to the recipient's process marking
+    it delivered (`delivered_at`: the commit, Redis, the push), in ms. Where a stall fell."""
+    found = b.query(
+        """SELECT coalesce(json_agg(json_build_array(sec, before_insert, before_mark)), '[]')
+        FROM (SELECT floor(stamp)::bigint AS sec,
+                     round(max(extract(epoch FROM sent_at) - stamp) * 1000) AS before_insert,
+                     round(max(extract(epoch FROM delivered_at) - stamp) * 1000) AS before_mark
+              FROM (SELECT split_part(message, '|', 4)::float8 AS stamp, sent_at, delivered_at
+                    FROM connection_gestures WHERE message LIKE $1) AS r
+              GROUP BY 1) AS s""",
+        f"b|{tag}|%",
+    )
+    return {
+        int(sec) - int(t0): (before_insert, before_mark)
+        for sec, before_insert, before_mark in json.loads(found)
+    }
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
 def _wait_received(gens: list[Gen], tag: str, expected: int, settle: float, limit: float) -> None:
     """Wait for the receivers to have `expected` stamped frames, at most `limit` seconds."""
     time.sleep(settle)
@@ -251,6 +276,7 @@ def _ws_gens(b: Bench, prefix: str, clients: list, n: int, deadline: float, **kw
 
 
 def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    b.delivery_runs += 1
     rels = b.seed(plan.delivery_rels)
     senders_c = [[ports[0], rid, b.token(a)] for rid, a, _ in rels]
     receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in rels]
@@ -288,7 +314,7 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
         time.sleep(SETTLE_S)
         last = counters.snapshot()
         for rate in plan.delivery_rates:
-            tag = f"d{rate}"
+            tag = f"d{rate}" + (f"r{b.delivery_runs}" if b.delivery_runs > 1 else "")
             k0 = last
             spies = []
             if plan.profile_dir and rate == plan.profile_rate:
@@ -354,11 +380,15 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                     *cpu_cells(cpu),
                 ]
             )
+            stages = _stages_by_second(b, tag, t_go)
+            step["stages_by_second_ms"] = stages
             if late:
                 print(
                     f"   {rate}/s (from {time.strftime('%H:%M:%S', time.localtime(t_go))}):"
                     " arrived over 50 ms, by second of the window: "
-                    + ", ".join(f"{k}s {v}" for k, v in late.items()),
+                    + ", ".join(f"{k}s {v}" for k, v in late.items())
+                    + "; longest send-to-INSERT / send-to-mark ms by second of the send: "
+                    + ", ".join(f"{k}s {_ms(a)}/{_ms(m)}" for k, (a, m) in sorted(stages.items())),
                     flush=True,
                 )
             for event in pg_events:
