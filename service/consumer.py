@@ -44,6 +44,10 @@ What it promises, and how:
   A catch-up runs beside the reading, retried with backoff while the API is away; it lives
   in memory only, so a consumer stopped in the middle of one leaves it undone (the log line
   names the range to replay with `--since`).
+* **Batches.** A read takes up to `batch` entries; after a read that did not fill its batch
+  (the group is caught up), the next waits `linger` seconds (default 0.01), so that events
+  arriving one by one are read, handled and acknowledged a few at a time: two round trips
+  to Redis a read, not two an event. It adds at most `linger` to an event's lag.
 * **Stopping.** Cancel the task that runs `run`: the handler call in progress is abandoned
   (cancelled with it), nothing unfinished is acknowledged, and its entries stay pending
   for the next claim. `async with` closes the connections.
@@ -244,6 +248,7 @@ class Consumer:
         max_deliveries: int = 5,
         batch: int = 100,
         block: float = 1.0,
+        linger: float = 0.01,
         margin: float = 5.0,
         lag_cap: int = 1000,
     ) -> None:
@@ -265,6 +270,7 @@ class Consumer:
         self._max_deliveries = max_deliveries
         self._batch = batch
         self._block_ms = int(block * 1000)
+        self._linger = max(linger, 0.0)
         self._margin_ms = int(margin * 1000)
         self._lag_cap = lag_cap
         self._redis: bus.Client | None = None
@@ -426,6 +432,9 @@ class Consumer:
                         handled.setdefault(n, []).append(entry)
             if handled:
                 await self._ack(handled)
+            if not behind and reply and self._linger:
+                # Caught up: let the next events gather rather than read them one by one.
+                await asyncio.sleep(self._linger)
 
     async def _check_position(self, partitions: list[int]) -> None:
         """Run the position check on the partitions; recreate what is lost and queue the
