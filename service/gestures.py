@@ -70,6 +70,12 @@ from .schemas import (
 
 log = logging.getLogger(__name__)
 
+# Delivery marks are gathered for up to MARK_WINDOW seconds (or until MARK_BATCH are queued)
+# and written in one statement: PostgreSQL's cost of a mark is per statement and commit far
+# more than per row (docs/performance.md), and nobody watches a receipt to the millisecond.
+MARK_WINDOW = 0.02
+MARK_BATCH = 64
+
 # Sliding window: at most ARGV[3] entries in the last ARGV[2] ms. Returns 0 when admitted,
 # else the milliseconds until the oldest entry leaves the window.
 _RATE_LIMIT = """
@@ -733,6 +739,8 @@ class Gestures:
     async def _delivery_loop(self) -> None:
         while True:
             await self._deliveries_ready.wait()
+            if len(self._deliveries) < MARK_BATCH:
+                await asyncio.sleep(MARK_WINDOW)
             self._deliveries_ready.clear()
             try:
                 await self.flush_deliveries()
