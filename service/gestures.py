@@ -165,6 +165,9 @@ class Gestures:
         self._windows: Coalescer[_Window, list] = Coalescer(self._count_windows)
         self._relationships: dict[uuid.UUID, tuple[float, Relationship]] = {}
         self._relationship_ttl = relationship_ttl
+        self._relationship_reads: Coalescer[uuid.UUID, Relationship | None] = Coalescer(
+            self._read_relationships
+        )
         # Relationship changes applied so far: a row read while one arrived is not cached
         # (it may predate the change), and a socket admitted meanwhile is checked again.
         self.changes = 0
@@ -194,24 +197,18 @@ class Gestures:
         """The relationship, cached for a few seconds once both partners are set (never
         before, so a row another system just inserted or filled in is seen at once)."""
         hit = self._relationships.get(relationship_id)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
-        changes = self.changes
-        async with store.connection(self._pool, self._timeout) as conn:
-            found = await store.get_relationship(conn, relationship_id)
-        complete = found is not None and found.partner_a_id and found.partner_b_id
-        if complete and self._relationship_ttl > 0 and changes == self.changes:
-            if len(self._relationships) > 100_000:
-                self._relationships.clear()
-            self._relationships[relationship_id] = (now + self._relationship_ttl, found)
-        return found
+        return (await self.relationships([relationship_id]))[relationship_id]
 
     async def relationships(
         self, relationship_ids: list[uuid.UUID]
     ) -> dict[uuid.UUID, Relationship | None]:
-        """Many relationships at once (the gateway's connect storms): cached ones from the
-        cache, the rest in one query, cached by the same rule as `relationship`."""
+        """Many relationships at once: cached ones from the cache, the rest read with every
+        other caller's of the same moment in one query (`_read_relationships`), cached by
+        the rule of `relationship`. The entries of couples that sent together expire
+        together: a send each read alone was a burst of queries that held up the sends
+        queued behind them in the pool."""
         now = time.monotonic()
         found: dict[uuid.UUID, Relationship | None] = {}
         missing = []
@@ -223,16 +220,24 @@ class Gestures:
                 missing.append(rid)
         if missing:
             changes = self.changes
-            async with store.connection(self._pool, self._timeout) as conn:
-                read = await store.get_relationships(conn, missing)
+            # A key's query starts after this: a batch in flight takes no new key.
+            futures = [self._relationship_reads.future(rid) for rid in missing]
+            rows = await asyncio.gather(*futures)
             cache = self._relationship_ttl > 0 and changes == self.changes
             if cache and len(self._relationships) > 100_000:
                 self._relationships.clear()
-            for rid in missing:
-                row = found[rid] = read.get(rid)
+            for rid, row in zip(missing, rows, strict=True):
+                found[rid] = row
                 if cache and row is not None and row.partner_a_id and row.partner_b_id:
                     self._relationships[rid] = (now + self._relationship_ttl, row)
         return found
+
+    async def _read_relationships(
+        self, relationship_ids: list[uuid.UUID]
+    ) -> dict[uuid.UUID, Relationship | None]:
+        async with store.connection(self._pool, self._timeout) as conn:
+            read = await store.get_relationships(conn, relationship_ids)
+        return {rid: read.get(rid) for rid in relationship_ids}
 
     async def role_in(
         self, caller: Caller, relationship_id: uuid.UUID, named: str | None, field: str
