@@ -258,14 +258,6 @@ def _outbox_row(r: asyncpg.Record) -> OutboxRow:
 # ---------------------------------------------------------------------------- relationships
 
 
-async def get_relationship(conn: Connection, relationship_id: uuid.UUID) -> Relationship | None:
-    r = await conn.fetchrow(
-        "SELECT id, partner_a_id, partner_b_id, created_at FROM relationships WHERE id = $1",
-        relationship_id,
-    )
-    return None if r is None else Relationship(**dict(r))
-
-
 async def get_relationships(
     conn: Connection, relationship_ids: Sequence[uuid.UUID]
 ) -> dict[uuid.UUID, Relationship]:
