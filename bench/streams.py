@@ -333,6 +333,97 @@ if __name__ == "__main__":
     main()
 
 
+async def _empty_delivery_tables(b: Bench) -> None:
+    """What a delivery step leaves behind, gone: its gestures, the event log, the nodes of the
+    stopped processes, the bench's keys in Redis (streams included). Then the statistics and
+    a checkpoint, so that the next step starts where the first one did."""
+    import asyncpg
+
+    conn = await asyncpg.connect(b.dsn, timeout=10)
+    try:
+        await conn.execute("TRUNCATE connection_gestures, gesture_events CASCADE")
+        await conn.execute("DELETE FROM gesture_nodes")
+        await conn.execute("VACUUM ANALYZE")
+        await conn.execute("CHECKPOINT")
+    finally:
+        await conn.close()
+    await b._redis_cleanup()
+
+
+def _fresh_services(b: Bench, ports: list[int], env: dict[str, str] | None) -> None:
+    for label in ("p1", "p2"):
+        if label in b.services:
+            b.stop_service(label)
+    asyncio.run(_empty_delivery_tables(b))
+    for label, port in (("p1", ports[0]), ("p2", ports[1])):
+        b.start_service(label, port, env=env)
+
+
+# The configurations of `streams_cost`, in the order they run: A B B A, so that what drifts
+# through a run (the machine's other load, the server's caches) weighs on both alike.
+COST_ORDER = [("with", None), ("without", {"EVENT_STREAMS": "0"})]
+COST_ORDER = COST_ORDER + COST_ORDER[::-1]
+
+
+def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
+    """What the streams cost the delivery step's held rate, with the order taken out: the
+    delivery step four times, with the streams, without (EVENT_STREAMS=0), without, with,
+    each on restarted services and emptied tables. A configuration's held rate is the mean
+    of its two runs (a run that held no rate counts 0)."""
+    from . import steps
+
+    runs: dict[str, list[dict]] = {"with": [], "without": []}
+    try:
+        for i, (name, env) in enumerate(COST_ORDER, 1):
+            print(
+                f"\n   streams_cost: run {i} of {len(COST_ORDER)}, {name} the streams",
+                flush=True,
+            )
+            _fresh_services(b, ports, env)
+            runs[name].append(steps.delivery(b, plan, ports))
+    finally:
+        _fresh_services(b, ports, None)
+    held = {k: [r["highest_held_per_s"] or 0 for r in v] for k, v in runs.items()}
+    mean = {k: sum(v) / len(v) for k, v in held.items()}
+    drop = 1 - mean["with"] / mean["without"] if mean["without"] else None
+    first = plan.delivery_rates[0]
+
+    def cpu_at_first(r: dict) -> float | None:
+        for s in r["steps"]:
+            if s["offered_per_s"] == first:
+                return s["per_gesture"]["cpu_us"]["total"]
+        return None
+
+    rows = [
+        [
+            name,
+            *held[name],
+            round(mean[name]),
+            *[cpu_at_first(r) for r in runs[name]],
+        ]
+        for name in ("with", "without")
+    ]
+    print(
+        table(
+            "2e. the streams' cost, runs in the order with, without, without, with",
+            ["streams", "held 1st", "held 2nd", "mean held", f"µs/g {first}/s 1st", "2nd"],
+            rows,
+        )
+    )
+    if drop is not None:
+        print(
+            f"   held with the streams {mean['with']:.0f}/s, without {mean['without']:.0f}/s "
+            f"(means of two runs each): {drop * 100:+.1f} % (target: a drop of at most 10 %)"
+        )
+    return {
+        "order": [name for name, _ in COST_ORDER],
+        "held_per_s": held,
+        "mean_held_per_s": mean,
+        "streams_drop": None if drop is None else round(drop, 3),
+        "runs": runs,
+    }
+
+
 def delivery_without_streams(b: Bench, plan, ports: list[int]) -> dict:
     """The delivery step again with EVENT_STREAMS=0 on both processes (no XADD), so that
     what the streams cost the held rate is read within one run: compare with `delivery`."""
