@@ -340,6 +340,9 @@ class Bench:
         # Readable on this server (set by __main__ when the server preloads the library).
         self.pg_stat_statements = False
         self.redis_cluster = False  # the cluster step points the services at a cluster
+        # The delivery step runs a consumer group member for the streams' lag (streams_cost
+        # turns it off: it measures the append, not another service's reads).
+        self.lag_member = True
         self.channel_prefix = f"bench-{tag}:gestures:"
         self.presence_prefix = f"bench-{tag}:presence:"
         self.jwt_secret = secrets.token_urlsafe(32)
