@@ -54,7 +54,7 @@ from redis.backoff import NoBackoff
 from redis.crc import key_slot
 from redis.exceptions import RedisClusterException, RedisError
 
-from . import metrics, store
+from . import metrics, resp, store
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,10 @@ log = logging.getLogger(__name__)
 # a 2 s Redis restart when it grew to 5 s (bench chaos). One connection attempt a second
 # per process costs a recovering Redis nothing.
 MAX_BACKOFF = 1.0
+
+# The longest a batch of events may take to reach Redis, as for any command (socket_timeout):
+# past it the batch is left to the relay's replay.
+SEND_TIMEOUT = 2.0
 
 # What a call to Redis or a Redis Cluster raises when the server is away, slow or moving.
 # RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>", which
@@ -316,6 +320,10 @@ class Publisher:
             return True
         minid = int(time.time() * 1000) - self._stream_retention_ms
         try:
+            if not self._sharded:
+                await resp.execute(self._redis, self._commands(rows, minid), SEND_TIMEOUT)
+                self.redis_ok = True
+                return True
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row in rows:
                     if self._sharded:
@@ -337,6 +345,20 @@ class Publisher:
             return False
         self.redis_ok = True
         return True
+
+    def _commands(self, rows: Sequence[store.OutboxRow], minid: int) -> list[bytes]:
+        """PUBLISH, and XADD where the row goes to a stream, for each row in order."""
+        out = []
+        trim = b"%d" % minid
+        for row in rows:
+            channel = row.channel.encode()
+            out.append(resp.command(b"PUBLISH", channel, row.payload))
+            if row.relationship_id is not None and self._partitions:
+                key = self.stream(row.relationship_id).encode()
+                out.append(
+                    resp.command(b"XADD", key, b"MINID", b"~", trim, b"*", b"event", row.payload)
+                )
+        return out
 
     def _published_through(self) -> datetime | None:
         """The beat's mark: the earliest row not known to be on Redis; None: now."""

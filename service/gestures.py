@@ -39,9 +39,9 @@ import msgspec
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
-from . import errors, metrics, store, suggestions
+from . import errors, metrics, resp, store, suggestions
 from .auth import Caller, role_of
-from .bus import REDIS_ERRORS, Publisher, channel_for, control_channel
+from .bus import REDIS_ERRORS, SEND_TIMEOUT, Publisher, channel_for, control_channel
 from .coalesce import Coalescer
 from .config import Settings
 from .presence import Presence
@@ -108,12 +108,12 @@ class _Window:
     """One request to count in a rate-limit window. Hashed by identity: each is its own key
     in the batch that counts it."""
 
-    __slots__ = ("args", "key", "more")
+    __slots__ = ("args", "key", "online")
 
-    def __init__(self, key: str, args: tuple, more) -> None:
+    def __init__(self, key: str, args: tuple, online: str | None) -> None:
         self.key = key
         self.args = args
-        self.more = more
+        self.online = online
 
 
 class _Sent:
@@ -157,6 +157,7 @@ class Gestures:
         self._settings = settings
         self._pool = pool
         self._redis = redis
+        self._sharded = isinstance(redis, aioredis.RedisCluster)
         self._publisher = publisher
         self._presence = presence
         self._suggester = suggester or suggestions.Suggester()
@@ -374,20 +375,19 @@ class Gestures:
         # beside its presence keys, so this pipeline goes to one shard.
         key = f"{self._settings.channel_prefix}rate:{{{relationship_id}}}:{role}"
 
-        def online(pipe) -> None:
-            if recipient is not None:
-                self._presence.count_online(pipe, relationship_id, recipient)
-
+        online = None if recipient is None else self._presence.key(relationship_id, recipient)
         results = await self._window(key, limit, "gestures", online)
         if results is None or recipient is None:
             return None
         return int(results[1]) > 0
 
-    async def _window(self, key: str, limit: int, what: str, more=None) -> list | None:
+    async def _window(
+        self, key: str, limit: int, what: str, online: str | None = None
+    ) -> list | None:
         """Count one request in the sliding window `key` (RateLimited past `limit` a minute),
-        with whatever `more` adds to the same pipeline; its results, None when Redis is away
-        (then the request is admitted)."""
-        call = _Window(key, (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex), more)
+        and read the size of the presence set `online` in the same round trip; the replies,
+        None when Redis is away (then the request is admitted)."""
+        call = _Window(key, (int(time.time() * 1000), 60_000, limit, uuid.uuid4().hex), online)
         try:
             results = await self._windows.get(call)
         except REDIS_ERRORS as exc:
@@ -404,6 +404,14 @@ class Gestures:
         """The windows of every request that came in this turn of the loop (or while the
         previous batch was out), in one pipeline: one round trip to Redis, not one a send."""
         for attempt in (1, 2):
+            if not self._sharded:
+                try:
+                    return await self._count_windows_raw(calls)
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
+                    continue
             async with self._redis.pipeline(transaction=False) as pipe:
                 spans = []
                 for call in calls:
@@ -412,8 +420,8 @@ class Gestures:
                     # before every execute, a round trip per batch. And as a plain command:
                     # on a cluster redis-py refuses `pipe.evalsha`, yet routes this by key.
                     pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, call.key, *call.args)
-                    if call.more is not None:
-                        call.more(pipe)
+                    if call.online is not None:
+                        pipe.scard(call.online)
                     spans.append((start, len(pipe)))
                 try:
                     results = await pipe.execute()
@@ -422,6 +430,33 @@ class Gestures:
                     if attempt == 2:
                         raise
                     await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
+        return {call: results[a:b] for call, (a, b) in zip(calls, spans, strict=True)}
+
+    async def _count_windows_raw(self, calls: list["_Window"]) -> dict["_Window", list]:
+        """`_count_windows` on a single Redis: the same commands, encoded by hand
+        (`service.resp`)."""
+        sha = self._rate_limit.sha.encode()
+        commands = []
+        spans = []
+        for call in calls:
+            start = len(commands)
+            now, window, limit, member = call.args
+            commands.append(
+                resp.command(
+                    b"EVALSHA",
+                    sha,
+                    b"1",
+                    call.key.encode(),
+                    b"%d" % now,
+                    b"%d" % window,
+                    b"%d" % limit,
+                    member.encode(),
+                )
+            )
+            if call.online is not None:
+                commands.append(resp.command(b"SCARD", call.online.encode()))
+            spans.append((start, len(commands)))
+        results = await resp.execute(self._redis, commands, SEND_TIMEOUT)
         return {call: results[a:b] for call, (a, b) in zip(calls, spans, strict=True)}
 
     async def _replay(

@@ -7,6 +7,7 @@ from datetime import datetime
 
 import httpx
 import pytest
+import redis.asyncio as aioredis
 
 from service import store
 from service.schemas import MAX_BODY
@@ -701,6 +702,24 @@ async def test_sender_past_the_rate_limit_gets_429_with_retry_after_and_no_row(
     assert await gesture_count(db, couple.id) == 3
     # The limit is the sender's: the other partner still sends.
     await send(limited_api, couple.id, couple.b_headers)
+
+
+async def test_the_rate_limit_holds_when_redis_forgets_its_script(
+    limited_api, couple, db, redis_url
+):
+    await send(limited_api, couple.id, couple.a_headers)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.script_flush()  # as a Redis restart does
+    finally:
+        await client.aclose()
+    for _ in range(2):
+        await send(limited_api, couple.id, couple.a_headers)
+    r = await limited_api.post(
+        "/api/gestures/send", json=send_body(couple.id), headers=couple.a_headers
+    )
+    assert_error(r, 429)
+    assert await gesture_count(db, couple.id) == 3
 
 
 # ------------------------------------------------------------ store (the seed checklist)

@@ -90,6 +90,35 @@ async def test_every_event_goes_to_its_partition_stream_as_it_goes_to_the_channe
             assert of(await stream_events(redis_url, key), couple.id) == []
 
 
+async def test_an_event_redis_refuses_reaches_the_stream_once_redis_takes_it(
+    api, settings, redis_url, couple, caplog
+):
+    # The partition's key holds a string: every XADD to it is answered WRONGTYPE.
+    key = stream_of(settings, couple.id)
+    client = aioredis.Redis.from_url(redis_url)
+    try:
+        await client.set(key, "not a stream")
+        caplog.set_level("WARNING", logger="service.bus")
+        g = await send(api, couple.id, couple.a_headers, message="refused, then taken")
+        await eventually(lambda: "publish failed, the relay will retry" in caplog.text)
+        assert await client.type(key) == b"string", "the refused event overwrote nothing"
+        await client.delete(key)
+
+        async def streamed() -> list[dict]:
+            return [
+                e
+                for e in of(await stream_events(redis_url, key), couple.id)
+                if e["gesture"]["id"] == g["id"]
+            ]
+
+        # The relay's replay sends it again: on the stream, once.
+        found = await eventually(streamed, timeout=10)
+        assert [e["event"] for e in found] == ["gesture.sent"]
+    finally:
+        await client.delete(key)
+        await client.aclose()
+
+
 async def test_the_event_log_pages_every_event_for_a_service_token(api, couple):
     start = datetime.now(UTC)
     sent = [await send(api, couple.id, couple.a_headers, message=f"n{i}") for i in range(5)]
