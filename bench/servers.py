@@ -43,6 +43,12 @@ class OwnServers:
         try:
             self._start_pg()
             self.redis = _OneRedis(self.tmp)
+            # Redis records what took it 5 ms or more (`redis_events`).
+            import redis
+
+            r = redis.Redis.from_url(self.redis.url)
+            r.config_set("latency-monitor-threshold", REDIS_LATENCY_MS)
+            r.close()
         except BaseException:
             self.stop()
             raise
@@ -130,6 +136,32 @@ class OwnServers:
             )
             self.pg_started = False
         shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+REDIS_LATENCY_MS = 5
+
+
+def redis_events(url: str | None, t0: float, t1: float) -> list[str]:
+    """What held the bench's own Redis REDIS_LATENCY_MS or more between t0 and t1 (epoch
+    seconds), from its latency monitor, as "+Ss what N ms" (the monitor keeps whole
+    seconds and the worst of each second). Nothing when the server is not the bench's own."""
+    if url is None:
+        return []
+    import redis
+
+    r = redis.Redis.from_url(url, socket_timeout=2)
+    try:
+        found = []
+        for event, *_ in r.execute_command("LATENCY", "LATEST"):
+            name = event.decode() if isinstance(event, bytes) else str(event)
+            for at, ms in r.execute_command("LATENCY", "HISTORY", name):
+                if int(t0) <= at <= t1:
+                    found.append((at, f"+{at - int(t0)}s Redis {name} {ms} ms"))
+        return [line for _, line in sorted(found)]
+    except redis.RedisError:
+        return []
+    finally:
+        r.close()
 
 
 _EVENTS = ("automatic vacuum", "automatic analyze", "checkpoint starting", "checkpoint complete")

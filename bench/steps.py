@@ -12,7 +12,7 @@ from . import streams as bench_streams
 from .breakdown import IDLE_WINDOW_S, SETTLE_S, Counters
 from .infra import WS_PROTOCOL, Bench, Gen, free_port, process_cpu
 from .report import CPU_HEADERS, cpu_cells, percentiles, table
-from .servers import server_events
+from .servers import redis_events, server_events
 
 
 @dataclass
@@ -339,6 +339,7 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
             lat = percentiles([x for r in reps for x in r["lat"]])
             late = _late_by_second(reps, t_go)
             pg_events = server_events(b.pg_log, t_go, t_done)
+            pg_events += redis_events(b.redis_url if b.pg_log else None, t_go, t_done)
             persisted = b.query(
                 "SELECT count(*) FROM connection_gestures WHERE message LIKE $1", f"b|{tag}|%"
             )
@@ -392,7 +393,8 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                     flush=True,
                 )
             for event in pg_events:
-                print(f"   {rate}/s: PostgreSQL {event}", flush=True)
+                what = "" if " Redis " in event else "PostgreSQL "
+                print(f"   {rate}/s: {what}{event}", flush=True)
             if ok:
                 held = rate
             else:
