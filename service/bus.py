@@ -324,12 +324,10 @@ class Publisher:
                 await resp.execute(self._redis, self._commands(rows, minid), SEND_TIMEOUT)
                 self.redis_ok = True
                 return True
+            # A cluster: redis-py's cluster pipeline sends each command to its slot's master.
             async with self._redis.pipeline(transaction=False) as pipe:
                 for row in rows:
-                    if self._sharded:
-                        pipe.spublish(row.channel, row.payload)
-                    else:
-                        pipe.publish(row.channel, row.payload)
+                    pipe.spublish(row.channel, row.payload)
                     if row.relationship_id is not None and self._partitions:
                         pipe.xadd(
                             self.stream(row.relationship_id),
