@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import sys
+import uuid
 from collections import Counter
 from collections.abc import AsyncIterator
 
@@ -36,17 +37,19 @@ pytestmark = pytest.mark.anyio
 
 
 class Seen:
-    """A handler that records what it got; it refuses every event whose gesture's note is
-    `poison`."""
+    """A handler that records what it got; given `poison` (a relationship), it refuses that
+    couple's events whose gesture's note is `poison`. Only that couple's: a catch-up reads a
+    partition's events from the shared log, another test's poison among them."""
 
-    def __init__(self) -> None:
+    def __init__(self, poison: uuid.UUID | None = None) -> None:
+        self.poison = None if poison is None else str(poison)
         self.ids: list[str] = []
         self.sources: Counter[str] = Counter()
         self.refused: Counter[str] = Counter()
 
     async def __call__(self, delivery: Delivery) -> None:
         event = json.loads(delivery.payload)
-        if event["gesture"]["message"] == "poison":
+        if event["relationship_id"] == self.poison and event["gesture"]["message"] == "poison":
             self.refused[delivery.event_id] += 1
             raise RuntimeError("poison")
         self.ids.append(delivery.event_id)
@@ -194,7 +197,7 @@ async def test_a_poison_event_is_dead_lettered_and_the_rest_flows(
     s = service.settings
     couple = await make_couple(database_url)
     key = f"{s.channel_prefix}stream:{{{couple.id.int % s.event_streams}}}"
-    handler = Seen()
+    handler = Seen(poison=couple.id)
     client = aioredis.Redis.from_url(redis_url)
     try:
         async with Running(make_consumer(s, service.url, "dl", max_deliveries=3), handler) as r:
