@@ -310,9 +310,14 @@ class Publisher:
             del self._sending[batch]
 
     def _refused(self, rows: Sequence[store.OutboxRow]) -> None:
-        earliest = min(row.created_at for row in rows)
-        if self._replay_since is None or earliest < self._replay_since:
-            self._replay_since = earliest
+        self.uncertain(min(row.created_at for row in rows))
+
+    def uncertain(self, since: datetime) -> None:
+        """Publish this node's rows from `since` on again (the relay's replay): after Redis
+        refused them, or after a write of events failed in a way that may have committed
+        (PostgreSQL cut between its commit and its reply), whose rows nobody was handed."""
+        if self._replay_since is None or since < self._replay_since:
+            self._replay_since = since
         self._refusals += 1
 
     async def _send(self, rows: Sequence[store.OutboxRow]) -> bool:

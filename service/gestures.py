@@ -173,7 +173,10 @@ class Gestures:
         # (it may predate the change), and a socket admitted meanwhile is checked again.
         self.changes = 0
         self._sends: store.GroupCommit[_SendItem, _Sent | errors.ServiceError] = store.GroupCommit(
-            pool, self._commit_sends, after_commit=self._publish_sends, timeout=self._timeout
+            pool,
+            self._noting(self._commit_sends),
+            after_commit=self._publish_sends,
+            timeout=self._timeout,
         )
         self._deliveries: dict[uuid.UUID, Gesture] = {}
         self._deliveries_ready = asyncio.Event()
@@ -472,6 +475,20 @@ class Gestures:
                 return None
             return await store.get_gesture(conn, held[0])
 
+    def _noting(self, write):
+        """`write`, telling the publisher when it fails: a write whose reply was lost may
+        still have committed its events, which the relay then publishes (`uncertain`)."""
+
+        async def noted(*args):
+            started = datetime.now(UTC) - UNCERTAIN_MARGIN
+            try:
+                return await write(*args)
+            except BaseException:
+                self._publisher.uncertain(started)
+                raise
+
+        return noted
+
     async def _commit_sends(
         self, conn: store.Connection, items: list[_SendItem]
     ) -> list[_Sent | errors.ServiceError]:
@@ -656,33 +673,38 @@ class Gestures:
         online = None
         if send_back:
             online = await self._admit(original.relationship_id, role, original.sent_by)
-        async with store.transaction(self._pool, self._timeout) as conn:
-            acknowledged = await store.acknowledge(conn, gesture_id, role)
-            if acknowledged is None:
-                return AcknowledgeResult(acknowledged=False, response_gesture=None)
-            response = None
-            events = []
-            if send_back:
-                new = store.NewGesture(
-                    original.relationship_id,
-                    send_back_type or original.gesture_type,
-                    role,
-                    send_back_message,
-                    False,
+        started = datetime.now(UTC) - UNCERTAIN_MARGIN
+        try:
+            async with store.transaction(self._pool, self._timeout) as conn:
+                acknowledged = await store.acknowledge(conn, gesture_id, role)
+                if acknowledged is None:
+                    return AcknowledgeResult(acknowledged=False, response_gesture=None)
+                response = None
+                events = []
+                if send_back:
+                    new = store.NewGesture(
+                        original.relationship_id,
+                        send_back_type or original.gesture_type,
+                        role,
+                        send_back_message,
+                        False,
+                    )
+                    [response] = await store.insert_gestures(conn, [new])
+                    acknowledged = await store.link_response(conn, gesture_id, response.id)
+                events.append(
+                    self._event_row(
+                        GestureAcknowledged,
+                        acknowledged,
+                        acknowledged.acknowledged_at,
+                        response_gesture=response,
+                    )
                 )
-                [response] = await store.insert_gestures(conn, [new])
-                acknowledged = await store.link_response(conn, gesture_id, response.id)
-            events.append(
-                self._event_row(
-                    GestureAcknowledged,
-                    acknowledged,
-                    acknowledged.acknowledged_at,
-                    response_gesture=response,
-                )
-            )
-            if response is not None:
-                events.append(self._sent_event(response, online))
-            rows = await store.add_events(conn, events, self._node)
+                if response is not None:
+                    events.append(self._sent_event(response, online))
+                rows = await store.add_events(conn, events, self._node)
+        except errors.Unavailable:  # it may have committed: its events go out again
+            self._publisher.uncertain(started)
+            raise
         self._publisher.publish(rows)
         return AcknowledgeResult(acknowledged=True, response_gesture=response)
 
@@ -795,7 +817,7 @@ class Gestures:
             return
         copies, self._deliveries = self._deliveries, {}
         try:
-            await self._mark(list(copies.values()))
+            await self._noting(self._mark)(list(copies.values()))
         except Exception:
             self._deliveries.update(copies)
             raise
@@ -828,6 +850,10 @@ class Gestures:
                 )
         self._publisher.publish(rows)
 
+
+# A write whose outcome is unknown is published again from this long before it started on:
+# its rows carry PostgreSQL's clock (`now()` at the transaction's start), not this process's.
+UNCERTAIN_MARGIN = timedelta(seconds=5)
 
 # A transaction that began this long before `since` and committed after it is still found.
 EVENT_START_MARGIN = timedelta(seconds=60)

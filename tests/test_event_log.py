@@ -1,6 +1,8 @@
 """Section 6: the event log in PostgreSQL, the partitioned streams it feeds, and
 `GET /api/events`, the source of truth other services catch up from."""
 
+import asyncio
+import contextlib
 import json
 import uuid
 from datetime import UTC, datetime, timedelta
@@ -205,6 +207,54 @@ async def test_a_dead_process_events_are_published_by_a_survivor(
         assert [e["event"] for e in of(streamed, couple.id)] == ["test.orphan"]
     finally:
         await channel.close()
+
+
+async def test_events_of_a_write_whose_reply_was_lost_are_published_again(
+    settings, redis_url, database_url, db
+):
+    """A write of events that committed while its caller saw an error (PostgreSQL cut
+    between its commit and its reply) handed nobody its rows: `uncertain` makes the relay
+    publish them all the same."""
+    couple = await make_couple(database_url)
+    pool = await store.create_pool(database_url, min_size=1, max_size=2, timeout=5)
+    redis = bus.redis_client(redis_url, cluster=False, max_connections=4)
+    publisher = bus.Publisher(
+        redis,
+        pool,
+        channel_prefix=settings.channel_prefix,
+        event_streams=settings.event_streams,
+        stream_retention=settings.event_stream_retention,
+        relay_interval=0.05,
+        node_ttl=30,
+        idempotency_hours=24,
+        log_retention_days=7,
+    )
+    channel = await Events.subscribe(redis_url, f"{settings.channel_prefix}{couple.id}")
+    running = None
+    try:
+        node = await publisher.register()
+        started = datetime.now(UTC) - timedelta(seconds=5)
+        payload = json.dumps({"event": "test.lost_reply", "relationship_id": str(couple.id)})
+        # Committed under this process's node, and never handed to the publisher.
+        await store.add_events(
+            db, [(f"{settings.channel_prefix}{couple.id}", payload.encode(), couple.id)], node
+        )
+        running = asyncio.create_task(publisher.run())
+        publisher.uncertain(started)
+        event = await channel.next(timeout=10)
+        assert event["event"] == "test.lost_reply"
+        streamed = await eventually(
+            lambda: stream_events(redis_url, stream_of(settings, couple.id)), timeout=5
+        )
+        assert [e["event"] for e in of(streamed, couple.id)] == ["test.lost_reply"]
+    finally:
+        if running is not None:
+            running.cancel()
+            with contextlib.suppress(BaseException):
+                await running
+        await channel.close()
+        await bus.close_client(redis)
+        await pool.close()
 
 
 @pytest.fixture
