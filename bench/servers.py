@@ -156,7 +156,7 @@ def redis_events(url: str | None, t0: float, t1: float) -> list[str]:
             name = event.decode() if isinstance(event, bytes) else str(event)
             for at, ms in r.execute_command("LATENCY", "HISTORY", name):
                 if int(t0) <= at <= t1:
-                    found.append((at, f"+{at - int(t0)}s Redis {name} {ms} ms"))
+                    found.append((at, f"+{at - int(t0)}s {name} {ms} ms"))
         return [line for _, line in sorted(found)]
     except redis.RedisError:
         return []

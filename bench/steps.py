@@ -349,7 +349,7 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
             lat = percentiles([x for r in reps for x in r["lat"]])
             late = _late_by_second(reps, t_go)
             pg_events = server_events(b.pg_log, t_go, t_done)
-            pg_events += redis_events(b.redis_url if b.pg_log else None, t_go, t_done)
+            redis_stalls = redis_events(b.redis_url if b.pg_log else None, t_go, t_done)
             persisted = b.query(
                 "SELECT count(*) FROM connection_gestures WHERE message LIKE $1", f"b|{tag}|%"
             )
@@ -369,6 +369,7 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                 "profiled": bool(spies),
                 "late_by_second": late,
                 "pg_server_events": pg_events,
+                "redis_latency_events": redis_stalls,
                 "stream_member_cpu_pct": round(member_cpu / (t_done - t_go) * 100, 1),
             }
             # PostgreSQL's statistics reach its views up to 10 s after the load.
@@ -403,8 +404,9 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                     flush=True,
                 )
             for event in pg_events:
-                what = "" if " Redis " in event else "PostgreSQL "
-                print(f"   {rate}/s: {what}{event}", flush=True)
+                print(f"   {rate}/s: PostgreSQL {event}", flush=True)
+            for event in redis_stalls:
+                print(f"   {rate}/s: Redis {event}", flush=True)
             passes = windows_of[rate]
             passes.append(ok)
             step["window"] = attempt

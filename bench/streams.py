@@ -350,11 +350,13 @@ async def _empty_delivery_tables(b: Bench) -> None:
     await b._redis_cleanup()
 
 
-def _fresh_services(b: Bench, ports: list[int], env: dict[str, str] | None) -> None:
+def _restart(b: Bench, ports: list[int], env: dict[str, str] | None, empty: bool) -> None:
+    """Both service processes again with `env`; with `empty`, on emptied tables."""
     for label in ("p1", "p2"):
         if label in b.services:
             b.stop_service(label)
-    asyncio.run(_empty_delivery_tables(b))
+    if empty:
+        asyncio.run(_empty_delivery_tables(b))
     for label, port in (("p1", ports[0]), ("p2", ports[1])):
         b.start_service(label, port, env=env)
 
@@ -390,12 +392,12 @@ def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
                 f"\n   streams_cost: run {i} of {len(COST_ORDER)}, {name} the streams",
                 flush=True,
             )
-            _fresh_services(b, ports, env)
+            _restart(b, ports, env, empty=True)
             runs[name].append(steps.delivery(b, plan, ports))
     finally:
         b.lag_member = True
         plan.delivery_retries = retries
-        _fresh_services(b, ports, None)
+        _restart(b, ports, None, empty=True)
     held = {k: [r["highest_held_per_s"] or 0 for r in v] for k, v in runs.items()}
     mean = {k: sum(v) / len(v) for k, v in held.items()}
     drop = 1 - mean["with"] / mean["without"] if mean["without"] else None
@@ -443,16 +445,11 @@ def delivery_without_streams(b: Bench, plan, ports: list[int]) -> dict:
     what the streams cost the held rate is read within one run: compare with `delivery`."""
     from . import steps
 
-    def restart(env: dict[str, str] | None) -> None:
-        for label, port in (("p1", ports[0]), ("p2", ports[1])):
-            b.stop_service(label)
-            b.start_service(label, port, env=env)
-
-    restart({"EVENT_STREAMS": "0"})
+    _restart(b, ports, {"EVENT_STREAMS": "0"}, empty=False)
     try:
         found = steps.delivery(b, plan, ports)
     finally:
-        restart(None)
+        _restart(b, ports, None, empty=False)
     with_streams = (b.results.get("delivery") or {}).get("highest_held_per_s")
     without = found["highest_held_per_s"]
     if with_streams and without:

@@ -38,13 +38,14 @@ nobody re-reads) and has no hook for a resync; hence the plain connections here.
 """
 
 import asyncio
+import contextlib
 import logging
 import os
 import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import NamedTuple
 
@@ -68,6 +69,10 @@ MAX_BACKOFF = 1.0
 # The longest a batch of events may take to reach Redis, as for any command (socket_timeout):
 # past it the batch is left to the relay's replay.
 SEND_TIMEOUT = 2.0
+
+# A write whose outcome is unknown is published again from this long before it started:
+# its rows carry PostgreSQL's clock (`now()` at the transaction's start), not this process's.
+UNCERTAIN_MARGIN = timedelta(seconds=5)
 
 # What a call to Redis or a Redis Cluster raises when the server is away, slow or moving.
 # RuntimeError: uvloop's "unable to perform operation on <TCPTransport closed=True>", which
@@ -311,6 +316,18 @@ class Publisher:
 
     def _refused(self, rows: Sequence[store.OutboxRow]) -> None:
         self.uncertain(min(row.created_at for row in rows))
+
+    @contextlib.asynccontextmanager
+    async def writing(self) -> AsyncIterator[None]:
+        """Around a write of events whose rows are published once it returns: if it fails,
+        it may still have committed (PostgreSQL cut between its commit and its reply), and
+        nobody holds its rows, so the relay publishes this node's rows from its start on."""
+        started = datetime.now(UTC) - UNCERTAIN_MARGIN
+        try:
+            yield
+        except BaseException:
+            self.uncertain(started)
+            raise
 
     def uncertain(self, since: datetime) -> None:
         """Publish this node's rows from `since` on again (the relay's replay): after Redis

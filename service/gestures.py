@@ -174,7 +174,7 @@ class Gestures:
         self.changes = 0
         self._sends: store.GroupCommit[_SendItem, _Sent | errors.ServiceError] = store.GroupCommit(
             pool,
-            self._noting(self._commit_sends),
+            self._commit_sends,
             after_commit=self._publish_sends,
             timeout=self._timeout,
         )
@@ -405,34 +405,29 @@ class Gestures:
 
     async def _count_windows(self, calls: list["_Window"]) -> dict["_Window", list]:
         """The windows of every request that came in this turn of the loop (or while the
-        previous batch was out), in one pipeline: one round trip to Redis, not one a send."""
-        for attempt in (1, 2):
-            if not self._sharded:
-                try:
-                    return await self._count_windows_raw(calls)
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
-                    continue
-            async with self._redis.pipeline(transaction=False) as pipe:
-                spans = []
-                for call in calls:
-                    start = len(pipe)
-                    # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
-                    # before every execute, a round trip per batch. And as a plain command:
-                    # on a cluster redis-py refuses `pipe.evalsha`, yet routes this by key.
-                    pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, call.key, *call.args)
-                    if call.online is not None:
-                        pipe.scard(call.online)
-                    spans.append((start, len(pipe)))
-                try:
-                    results = await pipe.execute()
-                    break
-                except NoScriptError:
-                    if attempt == 2:
-                        raise
-                    await self._redis.script_load(_RATE_LIMIT)  # Redis restarted
+        previous batch was out), in one batch: one round trip to Redis, not one a send."""
+        count = self._count_windows_cluster if self._sharded else self._count_windows_raw
+        try:
+            return await count(calls)
+        except NoScriptError:
+            await self._redis.script_load(_RATE_LIMIT)  # Redis restarted: once more
+        return await count(calls)
+
+    async def _count_windows_cluster(self, calls: list["_Window"]) -> dict["_Window", list]:
+        """`_count_windows` on a cluster: redis-py's pipeline sends each command to its
+        slot's master (one shard: the keys are hash-tagged by relationship)."""
+        async with self._redis.pipeline(transaction=False) as pipe:
+            spans = []
+            for call in calls:
+                start = len(pipe)
+                # EVALSHA by hand: a pipeline holding a Script object asks SCRIPT EXISTS
+                # before every execute, a round trip per batch. And as a plain command:
+                # on a cluster redis-py refuses `pipe.evalsha`, yet routes this by key.
+                pipe.execute_command("EVALSHA", self._rate_limit.sha, 1, call.key, *call.args)
+                if call.online is not None:
+                    pipe.scard(call.online)
+                spans.append((start, len(pipe)))
+            results = await pipe.execute()
         return {call: results[a:b] for call, (a, b) in zip(calls, spans, strict=True)}
 
     async def _count_windows_raw(self, calls: list["_Window"]) -> dict["_Window", list]:
@@ -475,28 +470,15 @@ class Gestures:
                 return None
             return await store.get_gesture(conn, held[0])
 
-    def _noting(self, write):
-        """`write`, telling the publisher when it fails: a write whose reply was lost may
-        still have committed its events, which the relay then publishes (`uncertain`)."""
-
-        async def noted(*args):
-            started = datetime.now(UTC) - UNCERTAIN_MARGIN
-            try:
-                return await write(*args)
-            except BaseException:
-                self._publisher.uncertain(started)
-                raise
-
-        return noted
-
     async def _commit_sends(
         self, conn: store.Connection, items: list[_SendItem]
     ) -> list[_Sent | errors.ServiceError]:
-        if all(item.key is None for item in items):
-            # The common case: gestures and events in one statement, one round trip.
-            return await self._insert(conn, items)  # type: ignore[return-value]
-        async with store.atomic(conn):
-            return await self._commit_keyed(conn, items)
+        async with self._publisher.writing():
+            if all(item.key is None for item in items):
+                # The common case: gestures and events in one statement, one round trip.
+                return await self._insert(conn, items)  # type: ignore[return-value]
+            async with store.atomic(conn):
+                return await self._commit_keyed(conn, items)
 
     async def _commit_keyed(
         self, conn: store.Connection, items: list[_SendItem]
@@ -673,8 +655,7 @@ class Gestures:
         online = None
         if send_back:
             online = await self._admit(original.relationship_id, role, original.sent_by)
-        started = datetime.now(UTC) - UNCERTAIN_MARGIN
-        try:
+        async with self._publisher.writing():
             async with store.transaction(self._pool, self._timeout) as conn:
                 acknowledged = await store.acknowledge(conn, gesture_id, role)
                 if acknowledged is None:
@@ -702,9 +683,6 @@ class Gestures:
                 if response is not None:
                     events.append(self._sent_event(response, online))
                 rows = await store.add_events(conn, events, self._node)
-        except errors.Unavailable:  # it may have committed: its events go out again
-            self._publisher.uncertain(started)
-            raise
         self._publisher.publish(rows)
         return AcknowledgeResult(acknowledged=True, response_gesture=response)
 
@@ -817,7 +795,7 @@ class Gestures:
             return
         copies, self._deliveries = self._deliveries, {}
         try:
-            await self._noting(self._mark)(list(copies.values()))
+            await self._mark(list(copies.values()))
         except Exception:
             self._deliveries.update(copies)
             raise
@@ -833,7 +811,7 @@ class Gestures:
             self._event_row(GestureDelivered, g, at)
             for g in (msgspec.structs.replace(g, delivered_at=at) for g in fresh)
         ]
-        async with store.connection(self._pool, self._timeout) as conn:
+        async with self._publisher.writing(), store.connection(self._pool, self._timeout) as conn:
             marked, rows = await store.mark_delivered_from(
                 conn, [g.id for g in fresh], at, events, self._node
             )
@@ -850,10 +828,6 @@ class Gestures:
                 )
         self._publisher.publish(rows)
 
-
-# A write whose outcome is unknown is published again from this long before it started on:
-# its rows carry PostgreSQL's clock (`now()` at the transaction's start), not this process's.
-UNCERTAIN_MARGIN = timedelta(seconds=5)
 
 # A transaction that began this long before `since` and committed after it is still found.
 EVENT_START_MARGIN = timedelta(seconds=60)
