@@ -108,6 +108,7 @@ def main() -> int:
     plan = steps.Plan.make(args.quick)
     if args.delivery_rates:
         plan.delivery_rates = [int(x) for x in args.delivery_rates.split(",") if x.strip()]
+        plan.delivery_rates_given = True
     if args.profile:
         plan.profile_rate = args.profile_rate
         plan.profile_dir = (

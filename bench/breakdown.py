@@ -42,6 +42,7 @@ PG_SETTINGS = [
     "commit_delay",
     "shared_buffers",
     "max_connections",
+    "min_wal_size",
     "max_wal_size",
     "checkpoint_timeout",
     "work_mem",

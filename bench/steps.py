@@ -23,8 +23,11 @@ class Plan:
     write_duration: float = 12.0
     write_rels: int = 500
     delivery_rates: list[int] = field(
-        default_factory=lambda: [200, 500, 1000, 2000, 4000, 6000, 8000]
+        default_factory=lambda: [200, 500, 1000, 2000, 2500, 3000, 3500, 4000, 6000, 8000]
     )
+    # Set by `--delivery-rates`; otherwise `streams_cost` climbs a ladder of its own around
+    # the rate the delivery step held (`streams.cost_ladder`).
+    delivery_rates_given: bool = False
     delivery_duration: float = 8.0
     delivery_rels: int = 200
     # Windows more for a rung that fails its first (held: two of them pass); 0: one window.
@@ -277,139 +280,160 @@ def _ws_gens(b: Bench, prefix: str, clients: list, n: int, deadline: float, **kw
     ]
 
 
-def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
-    b.delivery_runs += 1
-    rels = b.seed(plan.delivery_rels)
-    senders_c = [[ports[0], rid, b.token(a)] for rid, a, _ in rels]
-    receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in rels]
-    most_windows = len(plan.delivery_rates) * (1 + plan.delivery_retries)
-    deadline = most_windows * (plan.delivery_duration + 40) + 60
-    deadline += (most_windows + 2) * SETTLE_S + IDLE_WINDOW_S + WARM_UP_S + 40
-    recv = _ws_gens(b, "dlv-recv", receivers_c, 2, deadline)
-    send = _ws_gens(b, "dlv-send", senders_c, 2, deadline)
-    gens = recv + send
-    steps = []
-    rows = []
-    per_gesture = []
-    held = None
-    idle = None
-    profile = None
-    # Process 1 holds the senders, process 2 the recipients.
-    counters = Counters(b, b.services["p1"].pid, b.services["p2"].pid)
-    # A consumer group reads the event streams throughout: its lag at each rate.
-    lag_member, lag_file = bench_streams.delivery_lag_member(b)
-    windows: list[tuple[int, float, float]] = []
-    try:
-        for r in _ready_all(recv + send, 60):
+class DeliveryRig:
+    """One pair of service processes under the delivery load: `plan.delivery_rels` couples
+    whose senders hold sockets on the first process and whose recipients on the second,
+    connected, measured idle and warmed up by `start`; `window` offers one rate for one
+    window and returns its figures. `delivery` climbs one rig's ladder; `streams_cost`
+    interleaves the windows of two rigs, one with the streams and one without."""
+
+    def __init__(
+        self, b: Bench, plan: Plan, ports: list[int], labels=("p1", "p2"), name: str = ""
+    ) -> None:
+        self.b, self.plan, self.labels, self.name = b, plan, labels, name
+        b.delivery_runs += 1
+        self.run = b.delivery_runs
+        self.rels = b.seed(plan.delivery_rels)
+        senders_c = [[ports[0], rid, b.token(a)] for rid, a, _ in self.rels]
+        receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in self.rels]
+        most_windows = len(plan.delivery_rates) * (1 + max(plan.delivery_retries, 2))
+        deadline = most_windows * (plan.delivery_duration + 40) + 60
+        deadline += (most_windows + 2) * SETTLE_S + IDLE_WINDOW_S + WARM_UP_S + 40
+        if name:  # an interleaved rig waits through the other rig's windows too
+            deadline *= 2
+        self.recv = _ws_gens(b, f"dlv-recv{name}", receivers_c, 2, deadline)
+        self.send = _ws_gens(b, f"dlv-send{name}", senders_c, 2, deadline)
+        self.gens = self.recv + self.send
+        self.counters = Counters(b, b.services[labels[0]].pid, b.services[labels[1]].pid)
+        # A consumer group reads the event streams throughout: its lag at each rate.
+        self.lag_member, self.lag_file = bench_streams.delivery_lag_member(b)
+        self.windows: list[tuple[int, float, float]] = []
+        self.steps: list[dict] = []
+        self.idle: dict | None = None
+        self.profile: dict | None = None
+
+    def start(self, measure_idle: bool = True) -> None:
+        for r in _ready_all(self.gens, 60):
             if r["connected"] != r["total"]:
                 raise RuntimeError(f"delivery: only {r['connected']}/{r['total']} connected")
         # The connects' statistics reach pg_stat_database first; then the background (relay
         # polls, presence beats) while every socket is up and idle.
         time.sleep(SETTLE_S)
-        k_idle = counters.snapshot()
-        time.sleep(IDLE_WINDOW_S)
-        idle = Counters.per_second(k_idle, counters.snapshot())
+        if measure_idle:
+            k_idle = self.counters.snapshot()
+            time.sleep(IDLE_WINDOW_S)
+            self.idle = Counters.per_second(k_idle, self.counters.snapshot())
         # A warm-up, measured by none of the rows: the processes' first burst opens their
         # pool's connections, whose first statements are prepared and whose types are
-        # introspected (a stall of about 200 ms, once, not the cost of a gesture). Both
-        # runs of this step (with and without the streams) pay it here alike.
-        _warm_up(send, recv, plan.delivery_rates[0], WARM_UP_S)
+        # introspected (a stall of about 200 ms, once, not the cost of a gesture). Every
+        # run of this step (with and without the streams) pays it here alike.
+        _warm_up(self.send, self.recv, self.plan.delivery_rates[0], WARM_UP_S)
         time.sleep(SETTLE_S)
-        last = counters.snapshot()
-        # With `delivery_retries` (streams_cost sets it), a rung that fails its window gets
-        # up to that many more, and holds when two of its windows pass.
+
+    def window(self, rate: int, attempt: int) -> dict:
+        """Offer `rate` for one window: delivered fraction, latency, CPU by process and per
+        gesture; held when every gesture arrived and p99 <= 50 ms."""
+        b, plan = self.b, self.plan
+        tag = f"d{rate}{self.name}" + (f"r{self.run}" if self.run > 1 else "")
+        tag += f"w{attempt}" if attempt else ""
+        # From now, not from this rig's last window: another rig's windows may lie between.
+        k0 = self.counters.snapshot()
+        spies = []
+        if plan.profile_dir and rate == plan.profile_rate and not self.name:
+            spies = _start_profiles(b, plan)
+        c0 = b.cpu.snapshot(self.gens)
+        m0 = process_cpu(self.lag_member.pid if self.lag_member else None)
+        t_go = time.time()
+        for g in self.send:
+            g.send("go", rate=rate / len(self.send), duration=plan.delivery_duration, tag=tag)
+        done = [g.expect("done", plan.delivery_duration + 30) for g in self.send]
+        t_done = time.time()
+        member_cpu = process_cpu(self.lag_member.pid if self.lag_member else None) - m0
+        self.windows.append((rate, t_go, t_done + 1.0))
+        cpu = b.cpu.delta(c0, b.cpu.snapshot(self.gens))
+        sent = sum(d["sent"] for d in done)
+        _wait_received(self.recv, tag, sent, 0.3, 5.0)
+        k1 = self.counters.snapshot()
+        if spies:
+            self.profile = _finish_profiles(plan, rate, spies)
+        reps = _report_all(self.recv, tag)
+        got = sum(r["n"] for r in reps)
+        lat = percentiles([x for r in reps for x in r["lat"]])
+        late = _late_by_second(reps, t_go)
+        pg_events = server_events(b.pg_log, t_go, t_done)
+        redis_stalls = redis_events(b.redis_url if b.pg_log else None, t_go, t_done)
+        persisted = b.query(
+            "SELECT count(*) FROM connection_gestures WHERE message LIKE $1", f"b|{tag}|%"
+        )
+        achieved = sent / max(d["elapsed"] for d in done)
+        frac = got / sent if sent else 0.0
+        ok = frac >= 1.0 and lat["p99"] is not None and lat["p99"] <= 50.0
+        step = {
+            "offered_per_s": rate,
+            "achieved_send_per_s": round(achieved, 1),
+            "sent": sent,
+            "received": got,
+            "delivered_fraction": round(frac, 5),
+            "persisted": persisted,
+            "latency_ms": lat,
+            "cpu": cpu,
+            "held": ok,
+            "profiled": bool(spies),
+            "late_by_second": late,
+            "pg_server_events": pg_events,
+            "redis_latency_events": redis_stalls,
+            "stream_member_cpu_pct": round(member_cpu / (t_done - t_go) * 100, 1),
+            "window": attempt,
+        }
+        # PostgreSQL's statistics reach its views up to 10 s after the load.
+        time.sleep(max(0.0, SETTLE_S - (time.time() - t_done)))
+        step["per_gesture"] = Counters.per_gesture(k0, k1, self.counters.snapshot(), sent)
+        step["stages_by_second_ms"] = stages = _stages_by_second(b, tag, t_go)
+        self.steps.append(step)
+        who = f"{rate}/s" + (f" {self.name}" if self.name else "")
+        if late:
+            print(
+                f"   {who} (from {time.strftime('%H:%M:%S', time.localtime(t_go))}):"
+                " arrived over 50 ms, by second of the window: "
+                + ", ".join(f"{k}s {v}" for k, v in late.items())
+                + "; longest send-to-INSERT / send-to-mark ms by second of the send: "
+                + ", ".join(f"{k}s {_ms(a)}/{_ms(m)}" for k, (a, m) in sorted(stages.items())),
+                flush=True,
+            )
+        for event in pg_events:
+            print(f"   {who}: PostgreSQL {event}", flush=True)
+        for event in redis_stalls:
+            print(f"   {who}: Redis {event}", flush=True)
+        return step
+
+    def close(self) -> int:
+        """Stop the generators and the lag member; the sender's error frames."""
+        try:
+            errors = sum(r["errors"] for r in _report_all(self.send, "none", full=False))
+        finally:
+            self.b.stop_gens(self.gens)
+            lag_samples = bench_streams.stop_lag_member(self.lag_member, self.lag_file)
+        for step, (_rate, t0, t1) in zip(self.steps, self.windows, strict=False):
+            step["stream_lag_ms"] = bench_streams.lag_between(lag_samples, t0, t1)
+        return errors
+
+
+def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
+    rig = DeliveryRig(b, plan, ports)
+    held = None
+    errors = 0
+    try:
+        rig.start()
+        # With `delivery_retries`, a rung that fails its window gets up to that many more,
+        # and holds when two of its windows pass.
         rungs = list(plan.delivery_rates)
         windows_of: dict[int, list[bool]] = {}
         while rungs:
             rate = rungs[0]
-            attempt = len(windows_of.setdefault(rate, []))
-            tag = f"d{rate}" + (f"r{b.delivery_runs}" if b.delivery_runs > 1 else "")
-            tag += f"w{attempt}" if attempt else ""
-            k0 = last
-            spies = []
-            if plan.profile_dir and rate == plan.profile_rate:
-                spies = _start_profiles(b, plan)
-            c0 = b.cpu.snapshot(gens)
-            m0 = process_cpu(lag_member.pid if lag_member else None)
-            t_go = time.time()
-            for g in send:
-                g.send("go", rate=rate / len(send), duration=plan.delivery_duration, tag=tag)
-            done = [g.expect("done", plan.delivery_duration + 30) for g in send]
-            t_done = time.time()
-            member_cpu = process_cpu(lag_member.pid if lag_member else None) - m0
-            windows.append((rate, t_go, t_done + 1.0))
-            cpu = b.cpu.delta(c0, b.cpu.snapshot(gens))
-            sent = sum(d["sent"] for d in done)
-            _wait_received(recv, tag, sent, 0.3, 5.0)
-            k1 = counters.snapshot()
-            if spies:
-                profile = _finish_profiles(plan, rate, spies)
-            reps = _report_all(recv, tag)
-            got = sum(r["n"] for r in reps)
-            lat = percentiles([x for r in reps for x in r["lat"]])
-            late = _late_by_second(reps, t_go)
-            pg_events = server_events(b.pg_log, t_go, t_done)
-            redis_stalls = redis_events(b.redis_url if b.pg_log else None, t_go, t_done)
-            persisted = b.query(
-                "SELECT count(*) FROM connection_gestures WHERE message LIKE $1", f"b|{tag}|%"
-            )
-            achieved = sent / max(d["elapsed"] for d in done)
-            frac = got / sent if sent else 0.0
-            ok = frac >= 1.0 and lat["p99"] is not None and lat["p99"] <= 50.0
-            step = {
-                "offered_per_s": rate,
-                "achieved_send_per_s": round(achieved, 1),
-                "sent": sent,
-                "received": got,
-                "delivered_fraction": round(frac, 5),
-                "persisted": persisted,
-                "latency_ms": lat,
-                "cpu": cpu,
-                "held": ok,
-                "profiled": bool(spies),
-                "late_by_second": late,
-                "pg_server_events": pg_events,
-                "redis_latency_events": redis_stalls,
-                "stream_member_cpu_pct": round(member_cpu / (t_done - t_go) * 100, 1),
-            }
-            # PostgreSQL's statistics reach its views up to 10 s after the load.
-            time.sleep(max(0.0, SETTLE_S - (time.time() - t_done)))
-            last = counters.snapshot()
-            step["per_gesture"] = Counters.per_gesture(k0, k1, last, sent)
-            per_gesture.append({"offered_per_s": rate, **step["per_gesture"]})
-            steps.append(step)
-            rows.append(
-                [
-                    rate,
-                    round(achieved),
-                    round(frac * 100, 2),
-                    persisted,
-                    lat["p50"],
-                    lat["p90"],
-                    lat["p99"],
-                    lat["max"],
-                    ok,
-                    *cpu_cells(cpu),
-                ]
-            )
-            stages = _stages_by_second(b, tag, t_go)
-            step["stages_by_second_ms"] = stages
-            if late:
-                print(
-                    f"   {rate}/s (from {time.strftime('%H:%M:%S', time.localtime(t_go))}):"
-                    " arrived over 50 ms, by second of the window: "
-                    + ", ".join(f"{k}s {v}" for k, v in late.items())
-                    + "; longest send-to-INSERT / send-to-mark ms by second of the send: "
-                    + ", ".join(f"{k}s {_ms(a)}/{_ms(m)}" for k, (a, m) in sorted(stages.items())),
-                    flush=True,
-                )
-            for event in pg_events:
-                print(f"   {rate}/s: PostgreSQL {event}", flush=True)
-            for event in redis_stalls:
-                print(f"   {rate}/s: Redis {event}", flush=True)
-            passes = windows_of[rate]
+            passes = windows_of.setdefault(rate, [])
+            attempt = len(passes)
+            ok = rig.window(rate, attempt)["held"]
             passes.append(ok)
-            step["window"] = attempt
             if (ok and attempt == 0) or sum(passes) >= 2:
                 held = rate
                 rungs.pop(0)
@@ -417,13 +441,27 @@ def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
                 break
             else:
                 print(f"   {rate}/s: the window failed; again ({attempt + 2} of 3)", flush=True)
-        snd = _report_all(send, "none", full=False)
-        errors = sum(r["errors"] for r in snd)
     finally:
-        b.stop_gens(gens)
-        lag_samples = bench_streams.stop_lag_member(lag_member, lag_file)
-    for step, (_rate, t0, t1) in zip(steps, windows, strict=False):
-        step["stream_lag_ms"] = bench_streams.lag_between(lag_samples, t0, t1)
+        errors = rig.close()
+    steps = rig.steps
+    rows = [
+        [
+            s["offered_per_s"],
+            round(s["achieved_send_per_s"]),
+            round(s["delivered_fraction"] * 100, 2),
+            s["persisted"],
+            s["latency_ms"]["p50"],
+            s["latency_ms"]["p90"],
+            s["latency_ms"]["p99"],
+            s["latency_ms"]["max"],
+            s["held"],
+            *cpu_cells(s["cpu"]),
+        ]
+        for s in steps
+    ]
+    per_gesture = [{"offered_per_s": s["offered_per_s"], **s["per_gesture"]} for s in steps]
+    idle, profile = rig.idle, rig.profile
+    rels = rig.rels
     print(
         table(
             "2a. delivery: WS gesture on process 1 -> gesture_received on process 2 (200 couples)",

@@ -28,7 +28,7 @@ from pathlib import Path
 
 import psutil
 
-from .infra import ROOT, Bench, process_cpu
+from .infra import ROOT, Bench, free_port, process_cpu
 from .report import percentiles, table
 
 PARTITIONS = 16
@@ -361,21 +361,36 @@ def _restart(b: Bench, ports: list[int], env: dict[str, str] | None, empty: bool
         b.start_service(label, port, env=env)
 
 
-# The configurations of `streams_cost`, in the order they run: A B B A, so that what drifts
-# through a run (the machine's other load, the server's caches) weighs on both alike.
-COST_ORDER = [("with", None), ("without", {"EVENT_STREAMS": "0"})]
-COST_ORDER = COST_ORDER + COST_ORDER[::-1]
-# A rung that fails its window gets two more, and holds when two of its three pass: one
-# second of late deliveries (a stall at 80 % of the machine) no longer ends a ladder alone.
-COST_RETRIES = 2
+# The two configurations of `streams_cost`, and the order of their windows at each rung:
+# A B B A, so that what drifts through a rung (the tables growing, the machine's other load)
+# weighs on both alike.
+COST_CONFIGS = {"with": None, "without": {"EVENT_STREAMS": "0"}}
+COST_ORDER = ["with", "without", "without", "with"]
+# Without `--delivery-rates` in a full run, the ladder of `streams_cost` is this fraction of
+# the rate the delivery step held, rung by rung: 5 % apart near it, so that a drop of 10 %
+# is two rungs, not a fraction of one.
+COST_LADDER = [0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4]
+# When both configurations hold the ladder's top, it goes on, 10 % a rung, up to this many.
+COST_MOST_RUNGS = 16
+
+
+def cost_ladder(plan, b: Bench) -> list[int]:
+    held = (b.results.get("delivery") or {}).get("highest_held_per_s")
+    if plan.delivery_rates_given or plan.quick or not held:
+        return list(plan.delivery_rates)
+    return sorted({round(held * f / 25) * 25 for f in COST_LADDER})
 
 
 def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
-    """What the streams cost the delivery step's held rate, with the order taken out: the
-    delivery step four times, with the streams, without (EVENT_STREAMS=0), without, with,
-    each on restarted services and emptied tables. A configuration's held rate is the mean
-    of its two runs (a run that held no rate counts 0); a rung holds when its window passes,
-    or two of three do (COST_RETRIES).
+    """What the streams cost the delivery step's held rate, measured in pairs: two pairs of
+    service processes run side by side on one database and one Redis, one pair with the
+    streams and one without (EVENT_STREAMS=0), each with couples and generators of its own.
+    At each rung of the ladder the windows run in the order with, without, without, with,
+    one pair loaded at a time; a configuration holds the rung when both its windows pass,
+    or (one of two failed) when a third one does. A configuration that misses a rung stops
+    there; the ladder goes on for the other. Comparing windows a minute apart, rung by rung,
+    leaves out what a comparison of whole ladders run one after the other could not: the
+    tables' growth, a checkpoint, the machine's other load, a quarter of an hour later.
 
     No consumer group reads meanwhile: on this 2-core machine its reads (10 % of a core, and
     Redis's XREADGROUP) would weigh on the runs with the streams only, which is the cost of
@@ -383,60 +398,101 @@ def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
     the group's lag)."""
     from . import steps
 
-    runs: dict[str, list[dict]] = {"with": [], "without": []}
+    ladder = cost_ladder(plan, b)
+    print(f"   streams_cost: ladder {ladder}", flush=True)
+    rigs: dict[str, steps.DeliveryRig] = {}
+    held: dict[str, int | None] = {"with": None, "without": None}
+    rungs: list[dict] = []
+    rates, plan.delivery_rates = plan.delivery_rates, ladder
     b.lag_member = False
-    retries, plan.delivery_retries = plan.delivery_retries, COST_RETRIES
     try:
-        for i, (name, env) in enumerate(COST_ORDER, 1):
-            print(
-                f"\n   streams_cost: run {i} of {len(COST_ORDER)}, {name} the streams",
-                flush=True,
-            )
-            _restart(b, ports, env, empty=True)
-            runs[name].append(steps.delivery(b, plan, ports))
-    finally:
-        b.lag_member = True
-        plan.delivery_retries = retries
         _restart(b, ports, None, empty=True)
-    held = {k: [r["highest_held_per_s"] or 0 for r in v] for k, v in runs.items()}
-    mean = {k: sum(v) / len(v) for k, v in held.items()}
-    drop = 1 - mean["with"] / mean["without"] if mean["without"] else None
-    first = plan.delivery_rates[0]
+        extra = [free_port(), free_port()]
+        for label, port in zip(("p3", "p4"), extra, strict=True):
+            b.start_service(label, port, env=COST_CONFIGS["without"])
+        rigs["with"] = steps.DeliveryRig(b, plan, ports, ("p1", "p2"), "-with")
+        rigs["without"] = steps.DeliveryRig(b, plan, extra, ("p3", "p4"), "-without")
+        for rig in rigs.values():
+            rig.start(measure_idle=False)
+        climbing = ["with", "without"]
+        for rate in ladder:
+            windows: dict[str, list[dict]] = {name: [] for name in climbing}
+            for name in [n for n in COST_ORDER if n in climbing]:
+                windows[name].append(rigs[name].window(rate, len(windows[name])))
+            for name in climbing:
+                if sum(w["held"] for w in windows[name]) == 1:
+                    print(f"   {rate}/s {name}: one window of two failed; a third", flush=True)
+                    windows[name].append(rigs[name].window(rate, 2))
+            rung: dict = {"offered_per_s": rate}
+            for name in list(climbing):
+                ok = sum(w["held"] for w in windows[name]) >= 2
+                rung[name] = {
+                    "held": ok,
+                    "p99_ms": [w["latency_ms"]["p99"] for w in windows[name]],
+                    "delivered_fraction": [w["delivered_fraction"] for w in windows[name]],
+                    "cpu_us_per_gesture": [
+                        w["per_gesture"]["cpu_us"]["total"] for w in windows[name]
+                    ],
+                }
+                if ok:
+                    held[name] = rate
+                else:
+                    climbing.remove(name)
+            rungs.append(rung)
+            if not climbing:
+                break
+            if rate == ladder[-1] and len(climbing) == 2 and len(ladder) < COST_MOST_RUNGS:
+                # Both held the top: a drop cannot be read from two tops, so on, 10 % a rung.
+                ladder.append(round(rate * 1.1 / 25) * 25)
+    finally:
+        for rig in rigs.values():
+            rig.close()
+        for label in ("p3", "p4"):
+            if label in b.services:
+                b.stop_service(label)
+        b.lag_member = True
+        _restart(b, ports, None, empty=True)
+        plan.delivery_rates = rates
+    drop = 1 - (held["with"] or 0) / held["without"] if held["without"] else None
 
-    def cpu_at_first(r: dict) -> float | None:
-        for s in r["steps"]:
-            if s["offered_per_s"] == first:
-                return s["per_gesture"]["cpu_us"]["total"]
-        return None
+    def cells(rung: dict, name: str) -> list:
+        r = rung.get(name)
+        if r is None:
+            return ["-", "-", "-"]
+        p99 = " / ".join("-" if x is None else f"{x:.0f}" for x in r["p99_ms"])
+        cpu = [x for x in r["cpu_us_per_gesture"] if x is not None]
+        return [p99, "yes" if r["held"] else "NO", round(sum(cpu) / len(cpu)) if cpu else "-"]
 
-    rows = [
-        [
-            name,
-            *held[name],
-            round(mean[name]),
-            *[cpu_at_first(r) for r in runs[name]],
-        ]
-        for name in ("with", "without")
-    ]
     print(
         table(
-            "2e. the streams' cost, runs in the order with, without, without, with "
-            "(a rung held: its window, or two of three, passed)",
-            ["streams", "held 1st", "held 2nd", "mean held", f"µs/g {first}/s 1st", "2nd"],
-            rows,
+            "2e. the streams' cost, windows in pairs: at each rung with, without, without, "
+            "with (a rung held: both windows, or two of three, passed)",
+            [
+                "offered/s",
+                "with: p99 ms",
+                "held",
+                "µs/gesture",
+                "without: p99 ms",
+                "held",
+                "µs/gesture",
+            ],
+            [[r["offered_per_s"], *cells(r, "with"), *cells(r, "without")] for r in rungs],
         )
     )
+    top = ladder[-1]
     if drop is not None:
+        capped = " (the ladder's top)" if held["without"] == top else ""
         print(
-            f"   held with the streams {mean['with']:.0f}/s, without {mean['without']:.0f}/s "
-            f"(means of two runs each): {drop * 100:+.1f} % (target: a drop of at most 10 %)"
+            f"   held with the streams {held['with']}/s, without {held['without']}/s{capped}: "
+            f"{drop * 100:+.1f} % (target: a drop of at most 10 %)"
         )
     return {
-        "order": [name for name, _ in COST_ORDER],
+        "ladder": ladder,
+        "order": COST_ORDER,
         "held_per_s": held,
-        "mean_held_per_s": mean,
         "streams_drop": None if drop is None else round(drop, 3),
-        "runs": runs,
+        "rungs": rungs,
+        "windows": {name: rig.steps for name, rig in rigs.items()},
     }
 
 
