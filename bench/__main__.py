@@ -36,8 +36,8 @@ STEPS = {
     "streams_cost": streams.streams_cost,
 }
 
-# Run only when named: `delivery_nostreams` is the one-way form of `streams_cost` (which runs
-# the delivery step four times, with and without the streams, and takes about 12 minutes).
+# Run only when named: `delivery_nostreams` is the one-way form of `streams_cost` (which
+# alternates windows with and without the streams at each rung, about 15 minutes).
 ON_REQUEST = {"delivery_nostreams"}
 
 

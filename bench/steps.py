@@ -296,7 +296,10 @@ class DeliveryRig:
         self.rels = b.seed(plan.delivery_rels)
         senders_c = [[ports[0], rid, b.token(a)] for rid, a, _ in self.rels]
         receivers_c = [[ports[1], rid, b.token(bb)] for rid, _, bb in self.rels]
-        most_windows = len(plan.delivery_rates) * (1 + max(plan.delivery_retries, 2))
+        rungs = len(plan.delivery_rates)
+        if name:  # an interleaved rig's ladder may go on past its top (`streams_cost`)
+            rungs = max(rungs, bench_streams.COST_MOST_RUNGS)
+        most_windows = rungs * (1 + max(plan.delivery_retries, 2))
         deadline = most_windows * (plan.delivery_duration + 40) + 60
         deadline += (most_windows + 2) * SETTLE_S + IDLE_WINDOW_S + WARM_UP_S + 40
         if name:  # an interleaved rig waits through the other rig's windows too
@@ -406,13 +409,17 @@ class DeliveryRig:
             print(f"   {who}: Redis {event}", flush=True)
         return step
 
-    def close(self) -> int:
-        """Stop the generators and the lag member; the sender's error frames."""
+    def close(self) -> int | None:
+        """Stop the generators and the lag member; the senders' error frames (None when a
+        sender could not say, after a failure). Raises nothing of its own, so that it can
+        run in a `finally` without hiding what failed."""
         try:
             errors = sum(r["errors"] for r in _report_all(self.send, "none", full=False))
-        finally:
-            self.b.stop_gens(self.gens)
-            lag_samples = bench_streams.stop_lag_member(self.lag_member, self.lag_file)
+        except Exception as exc:
+            print(f"   delivery: the senders' report failed: {exc!r}", flush=True)
+            errors = None
+        self.b.stop_gens(self.gens)
+        lag_samples = bench_streams.stop_lag_member(self.lag_member, self.lag_file)
         for step, (_rate, t0, t1) in zip(self.steps, self.windows, strict=False):
             step["stream_lag_ms"] = bench_streams.lag_between(lag_samples, t0, t1)
         return errors
@@ -421,7 +428,7 @@ class DeliveryRig:
 def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
     rig = DeliveryRig(b, plan, ports)
     held = None
-    errors = 0
+    errors: int | None = 0
     try:
         rig.start()
         # With `delivery_retries`, a rung that fails its window gets up to that many more,
