@@ -428,7 +428,6 @@ class DeliveryRig:
 def delivery(b: Bench, plan: Plan, ports: list[int]) -> dict:
     rig = DeliveryRig(b, plan, ports)
     held = None
-    errors: int | None = 0
     try:
         rig.start()
         # With `delivery_retries`, a rung that fails its window gets up to that many more,
