@@ -34,11 +34,13 @@ STEPS = {
     "streams": streams.streams,
     "delivery_nostreams": streams.delivery_without_streams,
     "streams_cost": streams.streams_cost,
+    "compare": streams.compare,
 }
 
 # Run only when named: `delivery_nostreams` is the one-way form of `streams_cost` (which
 # alternates windows with and without the streams at each rung, about 15 minutes).
-ON_REQUEST = {"delivery_nostreams"}
+# `compare` needs `--compare`.
+ON_REQUEST = {"delivery_nostreams", "compare"}
 
 
 def _machine() -> dict:
@@ -100,12 +102,25 @@ def main() -> int:
     )
     ap.add_argument("--profile-rate", type=int, default=1000, help="delivery rate to profile")
     ap.add_argument("--delivery-rates", help="comma-separated offered rates for `delivery`")
+    ap.add_argument(
+        "--compare",
+        metavar="VAR=VALUE,...",
+        help="for the `compare` step: the environment of the second pair of service processes",
+    )
     args = ap.parse_args()
     only = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = [s for s in only if s not in STEPS]
     if unknown:
         ap.error(f"unknown step(s) {unknown}; choose from {list(STEPS)}")
     plan = steps.Plan.make(args.quick)
+    if args.compare:
+        try:
+            streams.parse_compare(args.compare)
+        except ValueError as exc:
+            ap.error(str(exc))
+        plan.compare = args.compare
+    elif "compare" in only:
+        ap.error("the compare step needs --compare VAR=VALUE[,VAR=VALUE...]")
     if args.delivery_rates:
         plan.delivery_rates = [int(x) for x in args.delivery_rates.split(",") if x.strip()]
         plan.delivery_rates_given = True

@@ -140,6 +140,7 @@ async def run_ws(cfg: dict) -> None:
     sem = asyncio.Semaphore(cfg.get("connect_concurrency", 64))
     stopping = False
     state = {"down": 0, "epoch": 0, "closes": 0, "close_codes": {}, "connect_failures": 0}
+    back: list[float] = []  # when each client of the current epoch came back
     connect_times: list[float] = []
     loop = asyncio.get_running_loop()
 
@@ -201,8 +202,10 @@ async def run_ws(cfg: dict) -> None:
             c.up.set()
             if state["down"] > 0:
                 state["down"] -= 1
+                back.append(time.time())
                 if state["down"] == 0:
-                    emit({"event": "allup", "t": time.time(), "epoch": state["epoch"]})
+                    emit({"event": "allup", "t": back[-1], "epoch": state["epoch"], "back": back})
+                    back.clear()
                     gc.freeze()  # the reconnected sockets' objects too (see _freeze_heap)
             ws = c.ws
             code = await asyncio.shield(ws.closed)  # frames go to on_message meanwhile

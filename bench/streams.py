@@ -361,12 +361,11 @@ def _restart(b: Bench, ports: list[int], env: dict[str, str] | None, empty: bool
         b.start_service(label, port, env=env)
 
 
-# The two configurations of `streams_cost`, and the order of their windows at each rung:
-# A B B A, so that what drifts through a rung (the tables growing, the machine's other load)
-# weighs on both alike.
-COST_CONFIGS = {"with": None, "without": {"EVENT_STREAMS": "0"}}
-COST_ORDER = ["with", "without", "without", "with"]
-# Without `--delivery-rates` in a full run, the ladder of `streams_cost` is this fraction of
+# The two configurations of `streams_cost`; `paired` runs their windows at each rung in the
+# order A B B A, so that what drifts through a rung (the tables growing, the machine's other
+# load) weighs on both alike.
+COST_CONFIGS: dict[str, dict[str, str] | None] = {"with": None, "without": {"EVENT_STREAMS": "0"}}
+# Without `--delivery-rates` in a full run, the ladder of `paired` is this fraction of
 # the rate the delivery step held, rung by rung: 5 % apart near it, so that a drop of 10 %
 # is two rungs, not a fraction of one.
 COST_LADDER = [0.7, 0.8, 0.9, 0.95, 1.0, 1.05, 1.1, 1.15, 1.2, 1.3, 1.4]
@@ -383,42 +382,104 @@ def cost_ladder(plan, b: Bench) -> list[int]:
 
 
 def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
-    """What the streams cost the delivery step's held rate, measured in pairs: two pairs of
-    service processes run side by side on one database and one Redis, one pair with the
-    streams and one without (EVENT_STREAMS=0), each with couples and generators of its own.
-    At each rung of the ladder the windows run in the order with, without, without, with,
-    one pair loaded at a time; a configuration holds the rung when both its windows pass,
-    or (one of two failed) when a third one does. A configuration that misses a rung stops
-    there; the ladder goes on for the other. Comparing windows 20 s apart, rung by rung,
-    leaves out what a comparison of whole ladders run one after the other could not: the
-    tables' growth, a checkpoint, the machine's other load, a quarter of an hour later.
+    """What the streams cost the delivery step's held rate, measured in pairs (`paired`):
+    one pair of service processes with the streams and one without (EVENT_STREAMS=0).
 
     No consumer group reads meanwhile: on this 2-core machine its reads (10 % of a core, and
     Redis's XREADGROUP) would weigh on the runs with the streams only, which is the cost of
     another service, on machines of its own, not of the append (the `delivery` step measures
     the group's lag)."""
+    result = paired(
+        b,
+        plan,
+        ports,
+        COST_CONFIGS,
+        "2e. the streams' cost, windows in pairs: at each rung with, without, without, with "
+        "(a rung held: both windows, or two of three, passed)",
+    )
+    held = result["held_per_s"]
+    drop = 1 - (held["with"] or 0) / held["without"] if held["without"] else None
+    if drop is not None:
+        capped = " (the ladder's top)" if held["without"] == result["ladder"][-1] else ""
+        print(
+            f"   held with the streams {held['with']}/s, without {held['without']}/s{capped}: "
+            f"{drop * 100:+.1f} % (target: a drop of at most 10 %)"
+        )
+    return {**result, "streams_drop": None if drop is None else round(drop, 3)}
+
+
+def parse_compare(spec: str) -> dict[str, str]:
+    """`VAR=VALUE[,VAR=VALUE...]` of `--compare`, as an environment (ValueError if not)."""
+    env = {}
+    for part in spec.split(","):
+        name, eq, value = part.strip().partition("=")
+        if not eq or not name.isupper() or not name.replace("_", "").isalnum():
+            raise ValueError(f"--compare: {part.strip()!r} is not VAR=VALUE")
+        env[name] = value
+    if not env:
+        raise ValueError("--compare: no VAR=VALUE given")
+    return env
+
+
+def compare(b: Bench, plan, ports: list[int]) -> dict:
+    """The service as configured against the same with `--compare VAR=VALUE,...`, measured in
+    pairs (`paired`): what a setting, or the change behind it, does to the held rate and the
+    CPU a gesture, with what drifts on a shared machine weighing on both alike."""
+    if not plan.compare:
+        raise ValueError("the compare step needs --compare VAR=VALUE[,VAR=VALUE...]")
+    other = parse_compare(plan.compare)
+    label = ",".join(f"{k}={v}" for k, v in other.items())
+    configs: dict[str, dict[str, str] | None] = {"as configured": None, label: other}
+    result = paired(
+        b,
+        plan,
+        ports,
+        configs,
+        f"2f. as configured against {label}, windows in pairs (order A B B A; a rung held: "
+        "both windows, or two of three, passed)",
+    )
+    held = result["held_per_s"]
+    print(f"   held as configured {held['as configured']}/s, with {label} {held[label]}/s")
+    return result
+
+
+def paired(
+    b: Bench, plan, ports: list[int], configs: dict[str, dict[str, str] | None], title: str
+) -> dict:
+    """Two configurations of the delivery step measured in pairs: two pairs of service
+    processes run side by side on one database and one Redis, the first pair with the first
+    configuration's environment (None: as the bench starts them), the second with the
+    second's, each with couples and generators of its own. At each rung of the ladder the
+    windows run in the order A, B, B, A, one pair loaded at a time; a configuration holds the
+    rung when both its windows pass, or (one of two failed) when a third one does. A
+    configuration that misses a rung stops there; the ladder goes on for the other.
+    Comparing windows 20 s apart, rung by rung, leaves out what a comparison of whole ladders
+    run one after the other could not: the tables' growth, a checkpoint, the machine's other
+    load, a quarter of an hour later."""
     from . import steps
 
+    first, second = configs
+    order = [first, second, second, first]
     ladder = cost_ladder(plan, b)
-    print(f"   streams_cost: ladder {ladder}", flush=True)
+    print(f"   {'/'.join(configs)}: ladder {ladder}", flush=True)
     rigs: dict[str, steps.DeliveryRig] = {}
-    held: dict[str, int | None] = {"with": None, "without": None}
+    held: dict[str, int | None] = {first: None, second: None}
     rungs: list[dict] = []
     rates, plan.delivery_rates = plan.delivery_rates, ladder
     b.lag_member = False
     try:
-        _restart(b, ports, None, empty=True)
+        _restart(b, ports, configs[first], empty=True)
         extra = [free_port(), free_port()]
         for label, port in zip(("p3", "p4"), extra, strict=True):
-            b.start_service(label, port, env=COST_CONFIGS["without"])
-        rigs["with"] = steps.DeliveryRig(b, plan, ports, ("p1", "p2"), "-with")
-        rigs["without"] = steps.DeliveryRig(b, plan, extra, ("p3", "p4"), "-without")
+            b.start_service(label, port, env=configs[second])
+        rigs[first] = steps.DeliveryRig(b, plan, ports, ("p1", "p2"), f"-{first}")
+        rigs[second] = steps.DeliveryRig(b, plan, extra, ("p3", "p4"), f"-{second}")
         for rig in rigs.values():
             rig.start(measure_idle=False)
-        climbing = ["with", "without"]
+        climbing = [first, second]
         for rate in ladder:
             windows: dict[str, list[dict]] = {name: [] for name in climbing}
-            for name in [n for n in COST_ORDER if n in climbing]:
+            for name in [n for n in order if n in climbing]:
                 windows[name].append(rigs[name].window(rate, len(windows[name])))
             for name in climbing:
                 if sum(w["held"] for w in windows[name]) == 1:
@@ -430,6 +491,7 @@ def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
                 rung[name] = {
                     "held": ok,
                     "p99_ms": [w["latency_ms"]["p99"] for w in windows[name]],
+                    "p50_ms": [w["latency_ms"]["p50"] for w in windows[name]],
                     "delivered_fraction": [w["delivered_fraction"] for w in windows[name]],
                     "cpu_us_per_gesture": [
                         w["per_gesture"]["cpu_us"]["total"] for w in windows[name]
@@ -444,8 +506,8 @@ def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
                 break
             on = not plan.quick and len(climbing) == 2 and len(ladder) < COST_MOST_RUNGS
             if rate == ladder[-1] and on:
-                # Both held the top: a drop cannot be read from two tops, so on, 10 % a rung
-                # (not in a quick run, which only shows that the step works).
+                # Both held the top: a difference cannot be read from two tops, so on, 10 %
+                # a rung (not in a quick run, which only shows that the step works).
                 ladder.append(round(rate * 1.1 / 25) * 25)
     finally:
         plan.delivery_rates = rates
@@ -456,44 +518,32 @@ def streams_cost(b: Bench, plan, ports: list[int]) -> dict:
             if label in b.services:
                 b.stop_service(label)
         _restart(b, ports, None, empty=True)
-    drop = 1 - (held["with"] or 0) / held["without"] if held["without"] else None
 
     def cells(rung: dict, name: str) -> list:
         r = rung.get(name)
         if r is None:
-            return ["-", "-", "-"]
+            return ["-", "-", "-", "-"]
+        p50 = " / ".join("-" if x is None else f"{x:.1f}" for x in r["p50_ms"])
         p99 = " / ".join("-" if x is None else f"{x:.0f}" for x in r["p99_ms"])
         cpu = [x for x in r["cpu_us_per_gesture"] if x is not None]
-        return [p99, "yes" if r["held"] else "NO", round(sum(cpu) / len(cpu)) if cpu else "-"]
+        mean_cpu = round(sum(cpu) / len(cpu)) if cpu else "-"
+        return [p50, p99, "yes" if r["held"] else "NO", mean_cpu]
 
+    head = []
+    for name in configs:
+        head += [f"{name}: p50 ms", "p99 ms", "held", "µs/gesture"]
     print(
         table(
-            "2e. the streams' cost, windows in pairs: at each rung with, without, without, "
-            "with (a rung held: both windows, or two of three, passed)",
-            [
-                "offered/s",
-                "with: p99 ms",
-                "held",
-                "µs/gesture",
-                "without: p99 ms",
-                "held",
-                "µs/gesture",
-            ],
-            [[r["offered_per_s"], *cells(r, "with"), *cells(r, "without")] for r in rungs],
+            title,
+            ["offered/s", *head],
+            [[r["offered_per_s"], *cells(r, first), *cells(r, second)] for r in rungs],
         )
     )
-    top = ladder[-1]
-    if drop is not None:
-        capped = " (the ladder's top)" if held["without"] == top else ""
-        print(
-            f"   held with the streams {held['with']}/s, without {held['without']}/s{capped}: "
-            f"{drop * 100:+.1f} % (target: a drop of at most 10 %)"
-        )
     return {
         "ladder": ladder,
-        "order": COST_ORDER,
+        "order": order,
+        "configs": configs,
         "held_per_s": held,
-        "streams_drop": None if drop is None else round(drop, 3),
         "rungs": rungs,
         "windows": {name: rig.steps for name, rig in rigs.items()},
     }
