@@ -6,6 +6,13 @@ command per batch, not one per socket. It is the read-side twin of `store.GroupC
 batches grow with load, and a lone caller waits for nobody (its batch starts on the next
 turn of the loop).
 
+Under load a batch may wait a little for company: given `linger`, a batch that starts
+while callers have been arriving less than half a `linger` apart (a moving average) waits
+`linger` before it goes, so that the next callers share its round trip, and the work each
+caller sets off after it (a group commit, a publish) goes in batches too. A caller alone,
+or one of a trickle, is never held: its batch starts on the next turn of the loop, as
+without `linger`.
+
 `await get(key)` is the answer; `future(key)` is a future of it, for a caller that starts
 several reads before awaiting any (no task per read).
 
@@ -22,6 +29,9 @@ from typing import Generic, TypeVar
 K = TypeVar("K", bound=Hashable)
 V = TypeVar("V")
 
+# How much the newest gap between callers moves their average: about the last 16 count.
+GAP_WEIGHT = 1 / 16
+
 
 class Coalescer(Generic[K, V]):
     def __init__(
@@ -29,15 +39,26 @@ class Coalescer(Generic[K, V]):
         fetch: Callable[[list[K]], Awaitable[Mapping[K, V]]],
         *,
         max_batch: int = 500,
+        linger: float = 0.0,
     ) -> None:
         self._fetch = fetch
         self._max_batch = max_batch
+        self._linger = linger
+        # A moving average of the time between callers (seconds), each gap counted as at
+        # most ten lingers: one long pause lifts it over half a linger, ending a busy spell.
+        self._longest_gap = 10 * linger
+        self._gap = self._longest_gap
+        self._last = 0.0
         self._waiting: dict[K, list[asyncio.Future[V]]] = {}
         self._runner: asyncio.Task[None] | None = None
 
     def future(self, key: K) -> "asyncio.Future[V]":
         loop = asyncio.get_running_loop()
         future = loop.create_future()
+        if self._linger:
+            now = loop.time()
+            self._gap += (min(now - self._last, self._longest_gap) - self._gap) * GAP_WEIGHT
+            self._last = now
         waiting = self._waiting.get(key)
         if waiting is None:
             self._waiting[key] = [future]
@@ -50,9 +71,17 @@ class Coalescer(Generic[K, V]):
     async def get(self, key: K) -> V:
         return await self.future(key)
 
+    @property
+    def busy(self) -> bool:
+        """Whether callers come often enough to wait for: under half a `linger` apart, so
+        that a wait gathers two more at least, on average."""
+        return bool(self._linger) and self._gap < self._linger / 2
+
     async def _run(self) -> None:
         try:
             await asyncio.sleep(0)  # let the callers of this turn of the loop join in
+            if self.busy and len(self._waiting) < self._max_batch:
+                await asyncio.sleep(self._linger)  # and, under load, those of the next ms
             while self._waiting:
                 keys = list(self._waiting)[: self._max_batch]
                 batch = {key: self._waiting.pop(key) for key in keys}

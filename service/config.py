@@ -33,6 +33,10 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Rules
     rate_limit_per_minute: int = 60
     idempotency_hours: int = 24
+    # Under load (sends on this process under SEND_LINGER / 2 s apart, on average), a send
+    # waits up to SEND_LINGER s for others to share its round trips to Redis and PostgreSQL
+    # (0: never waits).
+    send_linger: float = 0.004
     # How long a process trusts a relationship row it read (0: read it on every request).
     relationship_cache_ttl: float = 5.0
     # Redis names
@@ -110,6 +114,7 @@ _VARIABLES: dict[str, tuple[str, object]] = {
     "DB_TIMEOUT": ("db_timeout", float),
     "RATE_LIMIT_PER_MINUTE": ("rate_limit_per_minute", int),
     "IDEMPOTENCY_HOURS": ("idempotency_hours", int),
+    "SEND_LINGER": ("send_linger", float),
     "RELATIONSHIP_CACHE_TTL": ("relationship_cache_ttl", float),
     "CHANNEL_PREFIX": ("channel_prefix", str),
     "PRESENCE_PREFIX": ("presence_prefix", str),
@@ -139,6 +144,7 @@ _ZERO_ALLOWED = {
     "WS_PING_INTERVAL",
     "GC_FREEZE_INTERVAL",
     "EVENT_STREAMS",
+    "SEND_LINGER",
 }
 _REQUIRED = {
     "DATABASE_URL": "the PostgreSQL DSN, e.g. postgresql://user@host:5432/db",

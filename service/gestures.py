@@ -163,7 +163,11 @@ class Gestures:
         self._suggester = suggester or suggestions.Suggester()
         self._timeout = settings.db_timeout
         self._rate_limit = redis.register_script(_RATE_LIMIT)
-        self._windows: Coalescer[_Window, list] = Coalescer(self._count_windows)
+        # Every send's rate limit goes through here first: under load, the linger gathers
+        # sends into batches that the group commit and the publisher then keep.
+        self._windows: Coalescer[_Window, list] = Coalescer(
+            self._count_windows, linger=settings.send_linger
+        )
         self._relationships: dict[uuid.UUID, tuple[float, Relationship]] = {}
         self._relationship_ttl = relationship_ttl
         self._relationship_reads: Coalescer[uuid.UUID, Relationship | None] = Coalescer(

@@ -722,6 +722,33 @@ async def test_the_rate_limit_holds_when_redis_forgets_its_script(
     assert await gesture_count(db, couple.id) == 3
 
 
+async def test_a_burst_gathered_by_the_linger_is_limited_exactly_and_every_send_is_answered(
+    database_url, redis_url, prefix, couple, db
+):
+    # A long linger, so that the burst's sends surely wait for each other and share their
+    # round trips: the limit still counts each one, and each gets its own answer.
+    settings = make_settings(
+        database_url, redis_url, prefix, rate_limit_per_minute=40, send_linger=0.05
+    )
+    server = InProcess(settings)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
+            body = send_body(couple.id)
+            answers = await asyncio.gather(
+                *(
+                    client.post("/api/gestures/send", json=body, headers=couple.a_headers)
+                    for _ in range(100)
+                )
+            )
+    finally:
+        await server.stop()
+    sent = [r.json()["gesture"]["id"] for r in answers if r.status_code == 200]
+    assert sorted(r.status_code for r in answers) == [200] * 40 + [429] * 60
+    assert len(set(sent)) == 40
+    assert await gesture_count(db, couple.id) == 40
+
+
 # ------------------------------------------------------------ store (the seed checklist)
 
 

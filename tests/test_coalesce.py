@@ -59,3 +59,43 @@ async def test_a_caller_that_gives_up_changes_nothing_for_the_others_of_its_key(
     release.set()
     assert await stayer == "ok"
     assert quitter.cancelled()
+
+
+async def _callers_a_millisecond_apart(c: Coalescer, n: int) -> list:
+    futures = []
+    for k in range(n):
+        futures.append(c.future(k))
+        await asyncio.sleep(0.001)  # the callers' arrival times: what is under test
+    return await asyncio.gather(*futures)
+
+
+async def test_under_linger_callers_that_come_often_wait_for_each_other():
+    batches: list[list[int]] = []
+
+    async def fetch(keys: list[int]) -> dict[int, int]:
+        batches.append(keys)
+        return {k: k for k in keys}
+
+    alone = Coalescer(fetch)
+    assert await _callers_a_millisecond_apart(alone, 100) == list(range(100))
+    assert max(len(b) for b in batches) == 1  # without linger: a batch each
+
+    batches.clear()
+    gathered = Coalescer(fetch, linger=0.05)
+    assert await _callers_a_millisecond_apart(gathered, 100) == list(range(100))
+    # The first ones come while the average gap is still long, and go alone; once it is
+    # under 25 ms (half the linger), a batch waits for the callers behind it.
+    assert len(batches) < 75
+    assert max(len(b) for b in batches) >= 5
+
+
+async def test_under_linger_a_caller_alone_is_not_held():
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        return {k: k for k in keys}
+
+    c = Coalescer(fetch, linger=30.0)
+    async with asyncio.timeout(5):  # a held caller would wait 30 s
+        assert await c.get("a") == "a"
+        await asyncio.sleep(0.01)
+        assert await c.get("b") == "b"
+    assert not c.busy
