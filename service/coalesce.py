@@ -7,11 +7,12 @@ batches grow with load, and a lone caller waits for nobody (its batch starts on 
 turn of the loop).
 
 Under load a batch may wait a little for company: given `linger`, a batch that starts
-while callers have been arriving less than half a `linger` apart (a moving average) waits
-`linger` before it goes, so that the next callers share its round trip, and the work each
-caller sets off after it (a group commit, a publish) goes in batches too. A caller alone,
-or one of a trickle, is never held: its batch starts on the next turn of the loop, as
-without `linger`.
+while callers have been arriving between an eighth and a half of a `linger` apart (a moving
+average) waits `linger` before it goes, so that the next callers share its round trip, and
+the work each caller sets off after it (a group commit, a publish) goes in batches too. A
+caller alone, or one of a trickle, is never held: its batch starts on the next turn of the
+loop, as without `linger`. Nor is one of a flood: callers that come faster than that fill
+batches while the previous one is out, and a wait would only add to their latency.
 
 `await get(key)` is the answer; `future(key)` is a future of it, for a caller that starts
 several reads before awaiting any (no task per read).
@@ -73,9 +74,10 @@ class Coalescer(Generic[K, V]):
 
     @property
     def busy(self) -> bool:
-        """Whether callers come often enough to wait for: under half a `linger` apart, so
-        that a wait gathers two more at least, on average."""
-        return bool(self._linger) and self._gap < self._linger / 2
+        """Whether callers come often enough to wait for (under half a `linger` apart, so
+        that a wait gathers two more at least, on average), and not so often that batches
+        fill by themselves (an eighth)."""
+        return bool(self._linger) and self._linger / 8 <= self._gap < self._linger / 2
 
     async def _run(self) -> None:
         try:

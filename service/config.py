@@ -33,9 +33,9 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     # Rules
     rate_limit_per_minute: int = 60
     idempotency_hours: int = 24
-    # Under load (sends on this process under SEND_LINGER / 2 s apart, on average), a send
-    # waits up to SEND_LINGER s for others to share its round trips to Redis and PostgreSQL
-    # (0: never waits).
+    # Under load (sends on this process between SEND_LINGER / 8 and / 2 s apart, on
+    # average), a send waits up to SEND_LINGER s for others to share its round trips to
+    # Redis and PostgreSQL (0: never waits).
     send_linger: float = 0.004
     # How long a process trusts a relationship row it read (0: read it on every request).
     relationship_cache_ttl: float = 5.0

@@ -61,11 +61,11 @@ async def test_a_caller_that_gives_up_changes_nothing_for_the_others_of_its_key(
     assert quitter.cancelled()
 
 
-async def _callers_a_millisecond_apart(c: Coalescer, n: int) -> list:
+async def _callers_apart(c: Coalescer, n: int, gap: float) -> list:
     futures = []
     for k in range(n):
         futures.append(c.future(k))
-        await asyncio.sleep(0.001)  # the callers' arrival times: what is under test
+        await asyncio.sleep(gap)  # the callers' arrival times: what is under test
     return await asyncio.gather(*futures)
 
 
@@ -77,16 +77,31 @@ async def test_under_linger_callers_that_come_often_wait_for_each_other():
         return {k: k for k in keys}
 
     alone = Coalescer(fetch)
-    assert await _callers_a_millisecond_apart(alone, 100) == list(range(100))
+    assert await _callers_apart(alone, 100, 0.01) == list(range(100))
     assert max(len(b) for b in batches) == 1  # without linger: a batch each
 
     batches.clear()
     gathered = Coalescer(fetch, linger=0.05)
-    assert await _callers_a_millisecond_apart(gathered, 100) == list(range(100))
+    assert await _callers_apart(gathered, 100, 0.01) == list(range(100))
     # The first ones come while the average gap is still long, and go alone; once it is
     # under 25 ms (half the linger), a batch waits for the callers behind it.
-    assert len(batches) < 75
-    assert max(len(b) for b in batches) >= 5
+    assert len(batches) < 85
+    assert max(len(b) for b in batches) >= 3
+
+
+async def test_under_linger_a_flood_of_callers_is_not_held():
+    batches: list[list[int]] = []
+
+    async def fetch(keys: list[int]) -> dict[int, int]:
+        batches.append(keys)
+        return {k: k for k in keys}
+
+    # A millisecond apart is under an eighth of the linger: once the average says so (on
+    # its way down it passes through the band that waits), no wait, a batch each.
+    c = Coalescer(fetch, linger=0.05)
+    assert await _callers_apart(c, 200, 0.001) == list(range(200))
+    assert not c.busy
+    assert [len(b) for b in batches[-50:]] == [1] * 50
 
 
 async def test_under_linger_a_caller_alone_is_not_held():
