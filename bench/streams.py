@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -415,6 +416,10 @@ def parse_compare(spec: str) -> dict[str, str]:
         name, eq, value = part.strip().partition("=")
         if not eq or not name.isupper() or not name.replace("_", "").isalnum():
             raise ValueError(f"--compare: {part.strip()!r} is not VAR=VALUE")
+        if not value:  # the service reads an empty variable as unset: the default again
+            raise ValueError(f"--compare: {name} has no value")
+        if name in env:
+            raise ValueError(f"--compare: {name} given twice")
         env[name] = value
     if not env:
         raise ValueError("--compare: no VAR=VALUE given")
@@ -441,6 +446,10 @@ def compare(b: Bench, plan, ports: list[int]) -> dict:
     held = result["held_per_s"]
     print(f"   held as configured {held['as configured']}/s, with {label} {held[label]}/s")
     return result
+
+
+def _rig_name(label: str) -> str:
+    return "-" + (re.sub(r"[^A-Za-z0-9]+", "-", label).strip("-")[:24] or "x")
 
 
 def paired(
@@ -472,8 +481,10 @@ def paired(
         extra = [free_port(), free_port()]
         for label, port in zip(("p3", "p4"), extra, strict=True):
             b.start_service(label, port, env=configs[second])
-        rigs[first] = steps.DeliveryRig(b, plan, ports, ("p1", "p2"), f"-{first}")
-        rigs[second] = steps.DeliveryRig(b, plan, extra, ("p3", "p4"), f"-{second}")
+        # The rigs' names go into generator names, file names and message tags: letters,
+        # digits and dashes only.
+        rigs[first] = steps.DeliveryRig(b, plan, ports, ("p1", "p2"), _rig_name(first))
+        rigs[second] = steps.DeliveryRig(b, plan, extra, ("p3", "p4"), _rig_name(second))
         for rig in rigs.values():
             rig.start(measure_idle=False)
         climbing = [first, second]

@@ -81,9 +81,16 @@ class Coalescer(Generic[K, V]):
 
     async def _run(self) -> None:
         try:
-            await asyncio.sleep(0)  # let the callers of this turn of the loop join in
-            if self.busy and len(self._waiting) < self._max_batch:
-                await asyncio.sleep(self._linger)  # and, under load, those of the next ms
+            try:
+                await asyncio.sleep(0)  # let the callers of this turn of the loop join in
+                if self.busy and len(self._waiting) < self._max_batch:
+                    await asyncio.sleep(self._linger)  # and, under load, those of the next ms
+            except asyncio.CancelledError:
+                waiting, self._waiting = self._waiting, {}
+                for futures in waiting.values():
+                    for future in futures:
+                        future.cancel()
+                raise
             while self._waiting:
                 keys = list(self._waiting)[: self._max_batch]
                 batch = {key: self._waiting.pop(key) for key in keys}

@@ -89,6 +89,8 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
 
 
 _SECRET_FIELDS = {"jwt_secret", "suggestion_provider_key"}
+# The longest wait SEND_LINGER may ask for, in seconds.
+MAX_SEND_LINGER = 0.1
 
 
 def boolean(raw: str) -> bool:
@@ -187,6 +189,11 @@ def from_env(environ: Mapping[str, str] | None = None) -> Settings:
         raise ConfigError(
             f"EVENT_LOG_RETENTION_DAYS must be at most {MAX_LOG_RETENTION_DAYS}, "
             f"got {settings.event_log_retention_days}"
+        )
+    if settings.send_linger > MAX_SEND_LINGER:
+        # Seconds, not milliseconds: a send held for seconds would outlast its timeouts.
+        raise ConfigError(
+            f"SEND_LINGER must be at most {MAX_SEND_LINGER} (seconds), got {settings.send_linger}"
         )
     if settings.channel_prefix.startswith(settings.presence_prefix):
         # The gateway reads a channel under PRESENCE_PREFIX as presence: every event would

@@ -163,6 +163,8 @@ class SansioWSProtocol(_WheelKeepalive, _SansioProtocol):
 # ---------------------------------------------------------------------------- the lean one
 
 _GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+# Seconds a socket failed for breaking the protocol waits for its peer to close (`_fail`).
+FAIL_LINGER = 2.0
 _CLOSE_OK = frozenset((1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014))
 _VERSION = (b"sec-websocket-version", b"13")
 _MAX_PIECES = 1024  # frames one message may come in
@@ -259,6 +261,7 @@ class WSProtocol(asyncio.Protocol):
         "connections",
         "default_headers",
         "disconnected",
+        "failed",
         "fragments",
         "handshake_complete",
         "inbox",
@@ -314,6 +317,7 @@ class WSProtocol(asyncio.Protocol):
         self.response_started = False
         self.close_sent = False
         self.disconnected = False
+        self.failed = False  # the peer broke the protocol: what it sends now is dropped
         self.read_paused = False
         self.close_timer: asyncio.TimerHandle | None = None
         self.keepalive_bucket: set | None = None
@@ -352,6 +356,8 @@ class WSProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.scope is None:
             self._handshake(data)
+            return
+        if self.failed:
             return
         if self.buffer:
             data = self.buffer + data
@@ -605,12 +611,31 @@ class WSProtocol(asyncio.Protocol):
         self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
         self.transport.close()
 
-    def _fail(self, code: int, reason: str) -> None:
+    def _fail(self, code: int, reason: str, wait: bool = True) -> None:
+        """Close with `code`: the close frame, then our end of the stream. Closing the socket
+        at once, with the peer's frames still unread in it, would make the kernel answer
+        with a reset that can discard the close frame before the peer reads it; so what the
+        peer still sends is dropped, and the socket closes when the peer closes its end (an
+        RFC 6455 client does on the close frame), or FAIL_LINGER seconds on. Without
+        `wait` (a peer that stopped answering), it closes at once."""
+        self.failed = True
+        self.buffer = b""
         if not self.close_sent:
             self.close_sent = True
             self.transport.write(_close_frame(code, reason))
             self._deliver({"type": "websocket.disconnect", "code": code, "reason": reason})
-        self.transport.close()
+        if not wait:
+            self.transport.close()
+            return
+        if self.transport.is_closing():
+            return
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        if self.read_paused:
+            self.read_paused = False
+            self.transport.resume_reading()
+        if self.close_timer is None:
+            self.close_timer = self.loop.call_later(FAIL_LINGER, self.transport.close)
 
     def _deliver(self, message: dict) -> None:
         waiter = self.waiter
@@ -773,7 +798,7 @@ class WSProtocol(asyncio.Protocol):
         self.pending_ping_payload = None
         if self.close_sent or self.transport.is_closing():
             return
-        self._fail(1011, "keepalive ping timeout")
+        self._fail(1011, "keepalive ping timeout", wait=False)  # a silent peer: gone
 
 
 def direct_writer(receive) -> "Callable[[bytes], bool] | None":

@@ -722,11 +722,12 @@ async def test_the_rate_limit_holds_when_redis_forgets_its_script(
     assert await gesture_count(db, couple.id) == 3
 
 
-async def test_a_burst_gathered_by_the_linger_is_limited_exactly_and_every_send_is_answered(
+async def test_sends_gathered_by_the_linger_are_limited_exactly_and_each_is_answered(
     database_url, redis_url, prefix, couple, db
 ):
-    # A long linger, so that the burst's sends surely wait for each other and share their
-    # round trips: the limit still counts each one, and each gets its own answer.
+    # A long linger, and sends 10 ms apart: inside its band (between an eighth and a half
+    # of the linger apart), so that once the average gap comes down they wait for each
+    # other in batches. The limit still counts each send, and each gets its own answer.
     settings = make_settings(
         database_url, redis_url, prefix, rate_limit_per_minute=40, send_linger=0.05
     )
@@ -735,12 +736,15 @@ async def test_a_burst_gathered_by_the_linger_is_limited_exactly_and_every_send_
     try:
         async with httpx.AsyncClient(base_url=server.url, timeout=10) as client:
             body = send_body(couple.id)
-            answers = await asyncio.gather(
-                *(
-                    client.post("/api/gestures/send", json=body, headers=couple.a_headers)
-                    for _ in range(100)
+            sends = []
+            for _ in range(100):
+                sends.append(
+                    asyncio.create_task(
+                        client.post("/api/gestures/send", json=body, headers=couple.a_headers)
+                    )
                 )
-            )
+                await asyncio.sleep(0.01)  # the sends' pace: what is under test
+            answers = await asyncio.gather(*sends)
     finally:
         await server.stop()
     sent = [r.json()["gesture"]["id"] for r in answers if r.status_code == 200]

@@ -114,3 +114,20 @@ async def test_under_linger_a_caller_alone_is_not_held():
         await asyncio.sleep(0.01)
         assert await c.get("b") == "b"
     assert not c.busy
+
+
+async def test_the_callers_of_a_batch_cancelled_while_it_lingers_are_cancelled_too():
+    async def fetch(keys: list[str]) -> dict[str, str]:
+        return {k: k for k in keys}
+
+    c = Coalescer(fetch, linger=30.0)
+    # As if callers had come 10 s apart: inside the band, so the next batch waits.
+    c._gap, c._last = 10.0, asyncio.get_running_loop().time() - 10.0
+    future = c.future("a")
+    assert c.busy
+    for _ in range(3):  # the runner's turns: into its wait for company
+        await asyncio.sleep(0)
+    assert c._runner is not None
+    c._runner.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await future

@@ -256,6 +256,20 @@ async def test_a_message_in_endless_empty_pieces_is_closed_with_1009(server):
     assert await raw.close_code() == 1009
 
 
+async def test_a_peer_that_breaks_the_protocol_and_goes_on_sending_still_reads_the_close(
+    server,
+):
+    # The frames after the offending one are still arriving, unread, when the server gives
+    # up: its close frame must reach the peer all the same, not be lost to a reset.
+    _, port = server
+    raw = await Raw.open(port)
+    raw.frame(0x1, b"x" * 2000)  # over the 1,024-byte limit
+    for _ in range(200):
+        raw.frame(0x1, b"y" * 1000)
+    assert await raw.close_code() == 1009
+    assert await raw.reader.read() == b""  # then the server's end of the stream
+
+
 async def test_the_app_closing_sends_its_code_and_reason(server):
     _, port = server
     raw = await Raw.open(port, "/bye")
