@@ -548,6 +548,7 @@ class Subscriber:
 
     async def _drop(self, pubsub: aioredis.client.PubSub) -> None:
         while True:
+            _stop_if_cancelled()  # as in `_watch`: a cancel swallowed by (un)subscribe
             await self._drop_ready.wait()
             self._drop_ready.clear()
             # A channel subscribed again since it was dropped stays.
@@ -629,6 +630,9 @@ class Subscriber:
                 await self._redis.publish(self._node_channel, b"beat")
             except (RedisError, OSError):
                 pass
+            # redis-py's publish can return normally after a cancel landed in it: the task
+            # group cancels its children once, so a beat that swallowed it would go on.
+            _stop_if_cancelled()
 
 
 class SlotMoved(ConnectionError):
