@@ -5,7 +5,7 @@ then swallowed: the task goes on with `cancelling()` at 1). The subscriber's wat
 publishes a beat every `heartbeat` seconds inside a task group, which cancels it once; a
 watchdog that went on after that kept the process's shutdown waiting for its 2 s bound
 (measured: 3.0 s instead of 1.0 s to stop a process holding 15,000 sockets, about one exit
-in two). Before the fix, 18 of 60 subscribers here went on after the cancel."""
+in two). Before the fix, 17 or 18 of the 60 subscribers here went on after the cancel."""
 
 import asyncio
 import random
@@ -39,7 +39,7 @@ async def test_a_subscriber_cancelled_once_stops_while_its_watchdog_publishes(re
             await asyncio.wait_for(subscriber.connected.wait(), 5)
             await asyncio.sleep(random.uniform(0.0, 0.003))
             task.cancel()  # once, as a task group cancels its children
-            done, _ = await asyncio.wait([task], timeout=0.5)
+            done, _ = await asyncio.wait([task], timeout=2.0)  # ends in ms when it ends
             if not done:
                 lingered += 1
                 await cancel_until_done([task], 0.5)
