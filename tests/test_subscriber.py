@@ -37,6 +37,7 @@ async def test_a_subscriber_cancelled_once_stops_while_its_watchdog_publishes(re
             )
             task = asyncio.create_task(subscriber.run())
             await asyncio.wait_for(subscriber.connected.wait(), 5)
+            # Not a wait for anything: a random moment in the beat's cycle to cancel at.
             await asyncio.sleep(random.uniform(0.0, 0.003))
             task.cancel()  # once, as a task group cancels its children
             done, _ = await asyncio.wait([task], timeout=2.0)  # ends in ms when it ends
