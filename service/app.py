@@ -20,6 +20,7 @@ import httpx
 import msgspec
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.requests import Request
 from starlette.websockets import WebSocket
 
 from . import __version__, api, bus, config, heap, logs, metrics, store
@@ -133,15 +134,30 @@ class App(Starlette):
     """The routes, with `/ws` taken before Starlette's middleware and router: a socket's
     task then waits in the gateway's read loop alone, not under a dozen frames of wrappers
     that have nothing to do for a WebSocket (they only act on HTTP requests and exceptions
-    the gateway handles itself), which is memory per idle socket and CPU per connect."""
+    the gateway handles itself), which is memory per idle socket and CPU per connect.
+    The API's endpoints without a path parameter are taken the same way when a request
+    names one exactly (`api.direct_routes`): each maps its own errors, so the wrappers had
+    nothing to do for them either."""
 
     refused_start = False
+    direct = api.direct_routes()
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "lifespan":
+        kind = scope["type"]
+        if kind == "http":
+            path, root = scope["path"], scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root) :]
+            endpoint = self.direct.get((scope["method"], path))
+            if endpoint is not None:
+                scope["app"] = self
+                response = await endpoint(Request(scope, receive, send))
+                await response(scope, receive, send)
+                return
+        elif kind == "lifespan":
             await super().__call__(scope, receive, self._quiet_refusal(send))
             return
-        if scope["type"] == "websocket" and scope["path"] == scope.get("root_path", "") + "/ws":
+        elif kind == "websocket" and scope["path"] == scope.get("root_path", "") + "/ws":
             gateway: Gateway = scope["state"]["gateway"]
             await gateway.endpoint(WebSocket(scope, receive, send))
             return
