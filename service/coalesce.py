@@ -7,12 +7,13 @@ batches grow with load, and a lone caller waits for nobody (its batch starts on 
 turn of the loop).
 
 Under load a batch may wait a little for company: given `linger`, a batch that starts
-while callers have been arriving between an eighth and a half of a `linger` apart (a moving
-average) waits `linger` before it goes, so that the next callers share its round trip, and
-the work each caller sets off after it (a group commit, a publish) goes in batches too. A
-caller alone, or one of a trickle, is never held: its batch starts on the next turn of the
-loop, as without `linger`. Nor is one of a flood: callers that come faster than that fill
-batches while the previous one is out, and a wait would only add to their latency.
+while callers have been arriving between `busy`'s two gaps apart (a moving average; by
+default an eighth and a half of a `linger`) waits `linger` before it goes, so that the
+next callers share its round trip, and the work each caller sets off after it (a group
+commit, a publish) goes in batches too. A caller alone, or one of a trickle, is never
+held: its batch starts on the next turn of the loop, as without `linger`. Nor is one of a
+flood: callers that come faster than that fill batches while the previous one is out, and
+a wait would only add to their latency.
 
 `await get(key)` is the answer; `future(key)` is a future of it, for a caller that starts
 several reads before awaiting any (no task per read).
@@ -41,13 +42,16 @@ class Coalescer(Generic[K, V]):
         *,
         max_batch: int = 500,
         linger: float = 0.0,
+        busy: tuple[float, float] | None = None,
     ) -> None:
         self._fetch = fetch
         self._max_batch = max_batch
         self._linger = linger
+        # Callers this far apart on average (seconds, at least and under) are worth waiting for.
+        self._busy = busy or (linger / 8, linger / 2)
         # A moving average of the time between callers (seconds), each gap counted as at
-        # most ten lingers: one long pause lifts it over half a linger, ending a busy spell.
-        self._longest_gap = 10 * linger
+        # most twenty times the busy band's top: one long pause ends a busy spell.
+        self._longest_gap = 20 * self._busy[1]
         self._gap = self._longest_gap
         self._last = 0.0
         self._waiting: dict[K, list[asyncio.Future[V]]] = {}
@@ -74,10 +78,10 @@ class Coalescer(Generic[K, V]):
 
     @property
     def busy(self) -> bool:
-        """Whether callers come often enough to wait for (under half a `linger` apart, so
-        that a wait gathers two more at least, on average), and not so often that batches
-        fill by themselves (an eighth)."""
-        return bool(self._linger) and self._linger / 8 <= self._gap < self._linger / 2
+        """Whether callers come often enough to wait for (by default under half a `linger`
+        apart, so that a wait gathers two more at least, on average), and not so often that
+        batches fill by themselves (an eighth)."""
+        return bool(self._linger) and self._busy[0] <= self._gap < self._busy[1]
 
     async def _run(self) -> None:
         try:

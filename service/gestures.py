@@ -166,7 +166,7 @@ class Gestures:
         # Every send's rate limit goes through here first: under load, the linger gathers
         # sends into batches that the group commit and the publisher then keep.
         self._windows: Coalescer[_Window, list] = Coalescer(
-            self._count_windows, linger=settings.send_linger
+            self._count_windows, linger=settings.send_linger, busy=settings.send_linger_gaps
         )
         self._relationships: dict[uuid.UUID, tuple[float, Relationship]] = {}
         self._relationship_ttl = relationship_ttl

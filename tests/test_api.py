@@ -725,11 +725,16 @@ async def test_the_rate_limit_holds_when_redis_forgets_its_script(
 async def test_sends_gathered_by_the_linger_are_limited_exactly_and_each_is_answered(
     database_url, redis_url, prefix, couple, db
 ):
-    # A long linger, and sends 10 ms apart: inside its band (between an eighth and a half
-    # of the linger apart), so that once the average gap comes down they wait for each
-    # other in batches. The limit still counts each send, and each gets its own answer.
+    # A long linger, and sends 10 ms apart: inside its band (here 6.25 to 25 ms apart), so
+    # that once the average gap comes down they wait for each other in batches. The limit
+    # still counts each send, and each gets its own answer.
     settings = make_settings(
-        database_url, redis_url, prefix, rate_limit_per_minute=40, send_linger=0.05
+        database_url,
+        redis_url,
+        prefix,
+        rate_limit_per_minute=40,
+        send_linger=0.05,
+        send_linger_gaps=(0.00625, 0.025),
     )
     server = InProcess(settings)
     await server.start()

@@ -89,6 +89,25 @@ async def test_under_linger_callers_that_come_often_wait_for_each_other():
     assert max(len(b) for b in batches) >= 3
 
 
+async def test_a_band_given_apart_from_the_linger_decides_when_callers_wait():
+    batches: list[list[int]] = []
+
+    async def fetch(keys: list[int]) -> dict[int, int]:
+        batches.append(keys)
+        return {k: k for k in keys}
+
+    # 10 ms apart is a flood for a 200 ms linger's own band (25 to 100 ms apart), and
+    # inside the band given here (5 to 20 ms): batches wait 200 ms, gathering about 20.
+    c = Coalescer(fetch, linger=0.2, busy=(0.005, 0.02))
+    assert await _callers_apart(c, 100, 0.01) == list(range(100))
+    assert max(len(b) for b in batches) >= 10
+    assert c.busy
+
+    c = Coalescer(fetch, linger=0.2)  # its own band: by the end, a flood not to hold
+    assert await _callers_apart(c, 100, 0.01) == list(range(100))
+    assert not c.busy
+
+
 async def test_under_linger_a_flood_of_callers_is_not_held():
     batches: list[list[int]] = []
 
