@@ -88,8 +88,8 @@ def test_a_presence_prefix_under_the_event_prefix_is_accepted():
     assert from_env(env).presence_prefix == "g:presence:"
 
 
-def test_sends_linger_12_ms_by_default_0_turns_it_off_and_seconds_of_it_are_refused():
-    assert from_env(GOOD).send_linger == 0.012
+def test_sends_linger_4_ms_by_default_0_turns_it_off_and_seconds_of_it_are_refused():
+    assert from_env(GOOD).send_linger == 0.004
     assert from_env({**GOOD, "SEND_LINGER": "0"}).send_linger == 0
     with pytest.raises(ConfigError, match=r"SEND_LINGER must be at most 0\.1"):
         from_env({**GOOD, "SEND_LINGER": "4"})  # meant as milliseconds
