@@ -144,20 +144,20 @@ class App(Starlette):
 
     async def __call__(self, scope, receive, send) -> None:
         kind = scope["type"]
+        if kind == "lifespan":
+            await super().__call__(scope, receive, self._quiet_refusal(send))
+            return
+        path, root = scope["path"], scope.get("root_path", "")
+        if root and path.startswith(root):
+            path = path[len(root) :]  # the route's path, as Starlette's router reads it
         if kind == "http":
-            path, root = scope["path"], scope.get("root_path", "")
-            if root and path.startswith(root):
-                path = path[len(root) :]
             endpoint = self.direct.get((scope["method"], path))
             if endpoint is not None:
                 scope["app"] = self
                 response = await endpoint(Request(scope, receive, send))
                 await response(scope, receive, send)
                 return
-        elif kind == "lifespan":
-            await super().__call__(scope, receive, self._quiet_refusal(send))
-            return
-        elif kind == "websocket" and scope["path"] == scope.get("root_path", "") + "/ws":
+        elif kind == "websocket" and path == "/ws":
             gateway: Gateway = scope["state"]["gateway"]
             await gateway.endpoint(WebSocket(scope, receive, send))
             return
