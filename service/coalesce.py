@@ -15,6 +15,13 @@ held: its batch starts on the next turn of the loop, as without `linger`. Nor is
 flood: callers that come faster than that fill batches while the previous one is out, and
 a wait would only add to their latency.
 
+A wait also ends once callers stop coming: when none has come for `QUIET` times the mean
+gap between the callers of a batch that waits (a moving average of those gaps). Callers who each
+await their answer before they ask again (a closed loop) come back together when a batch
+is answered, then nobody comes until the next answer: their batch goes once they are all
+in, not at the end of the linger, which would only slow them down. Callers who come on
+their own (an open loop) rarely leave such a pause, and their batch waits the linger.
+
 `await get(key)` is the answer; `future(key)` is a future of it, for a caller that starts
 several reads before awaiting any (no task per read).
 
@@ -33,6 +40,9 @@ V = TypeVar("V")
 
 # How much the newest gap between callers moves their average: about the last 16 count.
 GAP_WEIGHT = 1 / 16
+# A wait for company ends after a pause this many times the mean gap between its callers:
+# callers coming on their own leave one that long once in 55 gaps (e**-4).
+QUIET = 4
 
 
 class Coalescer(Generic[K, V]):
@@ -54,6 +64,13 @@ class Coalescer(Generic[K, V]):
         self._longest_gap = 20 * self._busy[1]
         self._gap = self._longest_gap
         self._last = 0.0
+        # The batch being gathered: when its first caller came, and how many have come.
+        self._first = 0.0
+        self._count = 0
+        # Whether a batch is waiting for company, and the moving average of the gaps
+        # between the callers that came while one was.
+        self._gathering = False
+        self._gap_within = self._busy[0]
         self._waiting: dict[K, list[asyncio.Future[V]]] = {}
         self._runner: asyncio.Task[None] | None = None
 
@@ -62,12 +79,17 @@ class Coalescer(Generic[K, V]):
         future = loop.create_future()
         if self._linger:
             now = loop.time()
-            self._gap += (min(now - self._last, self._longest_gap) - self._gap) * GAP_WEIGHT
+            gap = min(now - self._last, self._longest_gap)
+            self._gap += (gap - self._gap) * GAP_WEIGHT
+            if self._gathering:
+                self._gap_within += (gap - self._gap_within) * GAP_WEIGHT
             self._last = now
+            self._count += 1
         waiting = self._waiting.get(key)
         if waiting is None:
             self._waiting[key] = [future]
             if self._runner is None:
+                self._first, self._count = self._last, 1
                 self._runner = loop.create_task(self._run())
         else:
             waiting.append(future)
@@ -83,12 +105,36 @@ class Coalescer(Generic[K, V]):
         batches fill by themselves (an eighth)."""
         return bool(self._linger) and self._busy[0] <= self._gap < self._busy[1]
 
+    async def _wait_for_company(self) -> None:
+        """Wait up to `linger` from the batch's first caller, until the batch is full, or
+        until a pause says that callers have stopped coming."""
+        loop = asyncio.get_running_loop()
+        end = self._first + self._linger
+        self._gathering = True
+        try:
+            while len(self._waiting) < self._max_batch:
+                now = loop.time()
+                if now >= end:
+                    return
+                count = self._count
+                quiet_at = self._last + QUIET * self._gap_within
+                if now < quiet_at:
+                    await asyncio.sleep(min(end, quiet_at) - now)
+                    continue
+                # A pause. Callers whose requests this turn of the loop read are not here
+                # yet: one more turn for them, and the wait goes on if any came.
+                await asyncio.sleep(0)
+                if self._count == count:
+                    return
+        finally:
+            self._gathering = False
+
     async def _run(self) -> None:
         try:
             try:
                 await asyncio.sleep(0)  # let the callers of this turn of the loop join in
-                if self.busy and len(self._waiting) < self._max_batch:
-                    await asyncio.sleep(self._linger)  # and, under load, those of the next ms
+                if self.busy:
+                    await self._wait_for_company()  # and, under load, those of the next ms
             except asyncio.CancelledError:
                 waiting, self._waiting = self._waiting, {}
                 for futures in waiting.values():

@@ -35,7 +35,7 @@ class Settings(msgspec.Struct, frozen=True, kw_only=True):
     idempotency_hours: int = 24
     # Under load (500 to 2,000 sends a second on this process: send_linger_gaps), a send
     # waits up to SEND_LINGER s for others to share its round trips to Redis and
-    # PostgreSQL (0: never waits).
+    # PostgreSQL, or until sends stop coming (0: never waits).
     send_linger: float = 0.004
     # Sends wait (SEND_LINGER) while they come this far apart on a process, on average (s):
     # 500 to 2,000 a second. Slower, a send is worth its own round trips; faster, batches

@@ -150,3 +150,25 @@ async def test_the_callers_of_a_batch_cancelled_while_it_lingers_are_cancelled_t
     c._runner.cancel()
     with pytest.raises(asyncio.CancelledError):
         await future
+
+
+async def test_under_linger_callers_who_await_their_answer_go_once_they_are_all_in():
+    batches: list[int] = []
+
+    async def fetch(keys: list[tuple[int, int]]) -> dict[tuple[int, int], int]:
+        batches.append(len(keys))
+        return {k: k[1] for k in keys}
+
+    c = Coalescer(fetch, linger=30.0, busy=(0.001, 60.0))
+    # As if callers had come a second apart: inside the band, so batches wait for company.
+    c._gap, c._last = 1.0, asyncio.get_running_loop().time() - 1.0
+
+    async def caller(who: int) -> list[int]:
+        # A closed loop: each asks again only once its answer is in.
+        return [await c.get((who, turn)) for turn in range(5)]
+
+    async with asyncio.timeout(10):  # a batch held for its whole linger would take 30 s
+        answers = await asyncio.gather(*(caller(who) for who in range(8)))
+    assert answers == [list(range(5))] * 8
+    # Each batch waited for all eight, and went when nobody else came.
+    assert batches == [8] * 5
