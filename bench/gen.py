@@ -131,7 +131,9 @@ async def run_ws(cfg: dict) -> None:
 
     gen = cfg["gen"]
     reconnect = cfg.get("reconnect", False)
-    jitter = cfg.get("jitter", 0.3)
+    # Reconnects wait as the project's client does (service/demo/client.js): 0.5 s doubling
+    # to 30 s after each failed try, each wait a random 50-100 % of that.
+    backoff_min, backoff_max = cfg.get("backoff", (0.5, 30.0))
     app_ping = cfg.get("app_ping", 0)
     # Offer permessage-deflate as browsers do unless told `null` (bench/wsclient.py).
     compression = cfg.get("compression", "deflate")
@@ -189,16 +191,22 @@ async def run_ws(cfg: dict) -> None:
         elif f.type == "error":
             c.errors += 1
 
+    def backoff(attempt: int) -> float:
+        return min(backoff_max, backoff_min * 2**attempt) * random.uniform(0.5, 1.0)
+
     async def life(c: WsClient) -> None:
         delay = 0.0
+        attempt = 0
         while not stopping:
             if delay:
                 await asyncio.sleep(delay)
             if not await open_one(c):
                 if not reconnect:
                     return
-                delay = random.uniform(0.1, 0.4)
+                attempt += 1
+                delay = backoff(attempt)
                 continue
+            attempt = 0
             c.up.set()
             if state["down"] > 0:
                 state["down"] -= 1
@@ -218,7 +226,7 @@ async def run_ws(cfg: dict) -> None:
             if state["down"] == 0:
                 state["epoch"] += 1
             state["down"] += 1
-            delay = random.uniform(0.0, jitter)
+            delay = backoff(0)
 
     async def pinger() -> None:
         # `ping` frames, as a client may send them (the service needs none: it pings).

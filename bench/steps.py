@@ -764,7 +764,6 @@ def _hold(
         k,
         deadline,
         reconnect=reconnect,
-        jitter=0.5,
         connect_concurrency=64,
         connect_deadline=120,
         start_at=time.time() + 1.0 + 0.5 * k,  # once every generator process is up
