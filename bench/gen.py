@@ -131,9 +131,6 @@ async def run_ws(cfg: dict) -> None:
 
     gen = cfg["gen"]
     reconnect = cfg.get("reconnect", False)
-    # Reconnects wait as the project's client does (service/demo/client.js): 0.5 s doubling
-    # to 30 s after each failed try, each wait a random 50-100 % of that.
-    backoff_min, backoff_max = cfg.get("backoff", (0.5, 30.0))
     app_ping = cfg.get("app_ping", 0)
     # Offer permessage-deflate as browsers do unless told `null` (bench/wsclient.py).
     compression = cfg.get("compression", "deflate")
@@ -192,7 +189,9 @@ async def run_ws(cfg: dict) -> None:
             c.errors += 1
 
     def backoff(attempt: int) -> float:
-        return min(backoff_max, backoff_min * 2**attempt) * random.uniform(0.5, 1.0)
+        # As the project's client waits (service/demo/client.js): 0.5 s doubling to 30 s
+        # after each failed try, each wait a random 50-100 % of that.
+        return min(30.0, 0.5 * 2**attempt) * random.uniform(0.5, 1.0)
 
     async def life(c: WsClient) -> None:
         delay = 0.0

@@ -64,7 +64,8 @@ class Coalescer(Generic[K, V]):
         self._longest_gap = 20 * self._busy[1]
         self._gap = self._longest_gap
         self._last = 0.0
-        # The batch being gathered: when its first caller came, and how many have come.
+        # When the batch being gathered got its first caller; callers counted so far (a
+        # wait for company compares two readings: any change says that someone came).
         self._first = 0.0
         self._count = 0
         # Whether a batch is waiting for company, and the moving average of the gaps
@@ -89,7 +90,7 @@ class Coalescer(Generic[K, V]):
         if waiting is None:
             self._waiting[key] = [future]
             if self._runner is None:
-                self._first, self._count = self._last, 1
+                self._first = self._last
                 self._runner = loop.create_task(self._run())
         else:
             waiting.append(future)
