@@ -45,9 +45,9 @@ import random
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable, Sequence
 from datetime import UTC, datetime, timedelta
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -487,6 +487,30 @@ def _stop_if_cancelled() -> None:
         raise asyncio.CancelledError
 
 
+async def _together(*jobs: "asyncio.Task[None] | Coroutine[Any, Any, None]") -> None:
+    """Run the jobs (coroutines become tasks) until one ends; then cancel the others, wait
+    for them, and raise the error that one ended with, if any. A cancel of the caller is
+    raised as a cancel, even when a job failed at the same moment. A task group on Python
+    3.11 raises the job's error instead, and leaves the caller's `cancelling()` count set
+    whenever a job fails, so the caller can tell neither case: a supervisor that retries
+    errors went on after it was told to stop (tests/test_subscriber.py)."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        # A job that swallowed its cancel (redis-py can) honours it at its next turn.
+        await asyncio.wait(tasks)
+    ended_with = None
+    for task in tasks:
+        error = None if task.cancelled() else task.exception()  # retrieved, each of them
+        if ended_with is None and task in done:
+            ended_with = error
+    if ended_with is not None:
+        raise ended_with
+
+
 class Subscriber:
     """One pub/sub connection per process, supervised forever.
 
@@ -580,10 +604,8 @@ class Subscriber:
             while missing := self._channels - sent:
                 sent |= missing
                 await pubsub.subscribe(*missing)
-            async with asyncio.TaskGroup() as group:
-                reader = group.create_task(self._read(pubsub, resync_since))
-                group.create_task(self._watch(reader))
-                group.create_task(self._drop(pubsub))
+            reader = asyncio.get_running_loop().create_task(self._read(pubsub, resync_since))
+            await _together(reader, self._watch(reader), self._drop(pubsub))
         finally:
             self._pubsub = None
             try:
@@ -913,10 +935,8 @@ class _Shard:
             # redis-py can swallow a cancel that lands while it connects or writes (seen when
             # a node is killed): the epoch would then wait forever for this shard.
             _stop_if_cancelled()
-            async with asyncio.TaskGroup() as group:
-                reader = group.create_task(self._read(pubsub))
-                group.create_task(self._write(pubsub))
-                group.create_task(self._watch(pubsub, reader))
+            reader = asyncio.get_running_loop().create_task(self._read(pubsub))
+            await _together(reader, self._write(pubsub), self._watch(pubsub, reader))
         finally:
             self.ended.set()
             try:
