@@ -518,11 +518,7 @@ class Gestures:
         gestures = [item.new.gesture() for item in items]
         events = [self._sent_event(g, item.online) for g, item in zip(gestures, items, strict=True)]
         rows = await store.insert_sent(conn, [item.new for item in items], events, self._node)
-        by_payload = {row.payload: row for row in rows}  # each payload has its own event_id
-        return [
-            _Sent(g, True, [by_payload[payload]])
-            for g, (_, payload, _) in zip(gestures, events, strict=True)
-        ]
+        return [_Sent(g, True, [row]) for g, row in zip(gestures, rows, strict=True)]
 
     def _publish_sends(self, outcomes: list[_Sent | errors.ServiceError]) -> None:
         self._publisher.publish(row for o in outcomes if isinstance(o, _Sent) for row in o.outbox)

@@ -380,16 +380,16 @@ async def insert_sent(
     """Insert gestures and their events in one statement: one round trip, atomic without a
     transaction (data-modifying WITH clauses run to completion, all or nothing)."""
     with _relationship_must_exist():
-        rows = await conn.fetch(
+        created_at = await conn.fetchval(
             f"""WITH g AS (
             INSERT INTO connection_gestures {_INSERT_COLUMNS}
-            {_INSERT_ROWS}
-            RETURNING id)
-        {_insert_events(9)}""",
+            {_INSERT_ROWS}),
+        e AS ({_insert_events(9)})
+        SELECT now()""",
             *_columns(new),
             *_event_columns(events, node),
         )
-    return [_outbox_row(r) for r in rows]
+    return _outbox_rows(events, created_at)
 
 
 async def insert_gestures(conn: Connection, new: Sequence[NewGesture]) -> list[Gesture]:
@@ -594,16 +594,15 @@ async def mark_delivered(conn: Connection, ids: Sequence[uuid.UUID]) -> list[Ges
     return [_gesture(r) for r in rows]
 
 
-# The mark and its events in one statement, in a function (sql/015_delivery_mark.sql) so
-# that its plan is made with the table's current size: as a prepared statement, a generic
-# plan cached while the table was tiny scanned all of it on every mark. Its condition is
-# spelt `coalesce(acknowledged_at, delivered_at) IS NULL`, not `acknowledged_at IS NULL`,
-# which on stale statistics had the planner read the whole partial index of unacknowledged
-# gestures (12 ms a batch at 16,000 rows).
-MARK_DELIVERED_FROM = """SELECT gesture_id AS id, event_channel AS channel,
-        event_payload AS payload, event_relationship_id AS relationship_id,
-        event_created_at AS created_at
-    FROM mark_gestures_delivered($1, $2, $3, $4, $5, $6)"""
+# The mark and its events in one statement, in a function (sql/015_delivery_mark.sql,
+# answering with ids only since sql/016_delivery_mark_ids.sql) so that its plan is made
+# with the table's current size: as a prepared statement, a generic plan cached while the
+# table was tiny scanned all of it on every mark. Its condition is spelt
+# `coalesce(acknowledged_at, delivered_at) IS NULL`, not `acknowledged_at IS NULL`, which on
+# stale statistics had the planner read the whole partial index of unacknowledged gestures
+# (12 ms a batch at 16,000 rows).
+MARK_DELIVERED_FROM = """SELECT gesture_id, event_created_at
+    FROM mark_gestures_delivered_ids($1, $2, $3, $4, $5, $6)"""
 
 
 async def mark_delivered_from(
@@ -627,8 +626,13 @@ async def mark_delivered_from(
         [e[1] for e in events],
         [e[2] for e in events],
     )
-    marked = {r["id"] for r in rows if r["id"] is not None}
-    return marked, [_outbox_row(r) for r in rows if r["id"] is None]
+    if not rows:
+        return set(), []
+    marked = {r[0] for r in rows}
+    created_at = rows[0][1]
+    return marked, _outbox_rows(
+        [e for i, e in zip(ids, events, strict=True) if i in marked], created_at
+    )
 
 
 async def changed_since(
@@ -851,27 +855,34 @@ async def streak_days(conn: Connection, relationship_id: uuid.UUID) -> int:
 
 def _insert_events(first: int) -> str:
     """INSERT of events from four parameters numbered from `first`: the node, then arrays of
-    channels, payloads and relationship ids."""
+    channels, payloads and relationship ids. Nothing is returned: every row's `created_at`
+    is the transaction's `now()`, which the statement around it reads once."""
     node, channels, payloads, rels = (f"${first + i}" for i in range(4))
     return f"""INSERT INTO gesture_events (node, channel, payload, relationship_id)
     SELECT {node}, e_channel, e_payload, e_rel
     FROM unnest({channels}::text[], {payloads}::bytea[], {rels}::uuid[])
-        AS e(e_channel, e_payload, e_rel)
-    RETURNING channel, payload, relationship_id, created_at"""
+        AS e(e_channel, e_payload, e_rel)"""
 
 
 def _event_columns(events: Sequence[EventRow], node: int) -> list:
     return [node, [e[0] for e in events], [e[1] for e in events], [e[2] for e in events]]
 
 
-_ADD_EVENTS = _insert_events(1)
+def _outbox_rows(events: Sequence[EventRow], created_at: datetime) -> list[OutboxRow]:
+    """The rows just written, from what was sent: reading them back would return each
+    payload to the process that encoded it."""
+    return [OutboxRow(channel, payload, rel, created_at) for channel, payload, rel in events]
+
+
+_ADD_EVENTS = f"WITH e AS ({_insert_events(1)}) SELECT now()"
 
 
 async def add_events(conn: Connection, events: Sequence[EventRow], node: int) -> list[OutboxRow]:
     """Write events to the log, in the caller's transaction."""
     if not events:
         return []
-    return [_outbox_row(r) for r in await conn.fetch(_ADD_EVENTS, *_event_columns(events, node))]
+    created_at = await conn.fetchval(_ADD_EVENTS, *_event_columns(events, node))
+    return _outbox_rows(events, created_at)
 
 
 async def node_events(

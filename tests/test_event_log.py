@@ -308,6 +308,32 @@ def test_partition_of_a_relationship_is_its_uuid_modulo_the_stream_count():
     assert bus.stream_key("gestures:", 3) == "gestures:stream:{3}"
 
 
+async def logged(db, events) -> list[tuple]:
+    """The log's rows holding these events' payloads, in the order written."""
+    rows = await db.fetch(
+        """SELECT channel, payload, relationship_id, created_at FROM gesture_events
+        WHERE payload = any($1::bytea[]) ORDER BY id""",
+        [e[1] for e in events],
+    )
+    return [tuple(r) for r in rows]
+
+
+async def test_events_written_in_a_transaction_are_handed_on_as_the_log_holds_them(db, couple):
+    """`add_events` answers with the rows to publish without reading them back: each must
+    be the log's row, its time the transaction's (the column's default), not the clock's."""
+    events = [("c", f'{{"n": "{uuid.uuid4()}"}}'.encode(), couple.id) for _ in range(3)]
+    events.append(("control", b'{"n": "internal"}', None))
+    async with db.transaction():
+        began = await db.fetchval("SELECT now()")
+        await asyncio.sleep(0.01)  # a later clock, the same transaction
+        rows = await store.add_events(db, events, 0)
+    assert [(r.channel, r.payload, r.relationship_id) for r in rows] == events
+    assert {r.created_at for r in rows} == {began}
+    assert await logged(db, events) == [
+        (r.channel, r.payload, r.relationship_id, r.created_at) for r in rows
+    ]
+
+
 async def test_a_delivery_mark_counts_only_where_the_row_still_matches_the_copy(api, db, couple):
     """The mark and its event are one statement written from the recipient process's copy:
     a gesture acknowledged (or delivered) meanwhile is not marked from that copy."""
@@ -325,6 +351,10 @@ async def test_a_delivery_mark_counts_only_where_the_row_still_matches_the_copy(
     marked, rows = await store.mark_delivered_from(db, ids, at, events, 0)
     assert marked == {ids[0]}
     assert [row.payload for row in rows] == [events[0][1]]
+    # The rows handed to the publisher are the log's: the time bounds what a takeover replays.
+    assert await logged(db, events) == [
+        (row.channel, row.payload, row.relationship_id, row.created_at) for row in rows
+    ]
     assert (await store.get_gesture(db, ids[0])).delivered_at == at
     assert (await store.get_gesture(db, ids[1])).delivered_at is None
     # Marked once: a second mark of the same copy finds it delivered and writes nothing.

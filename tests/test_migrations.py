@@ -20,6 +20,7 @@ VERSIONS = [
     "013_gesture_suggestions",
     "014_event_log",
     "015_delivery_mark",
+    "016_delivery_mark_ids",
 ]
 
 
