@@ -29,7 +29,6 @@ receipt minus EPOCH; all processes share the machine's clock.
 
 import asyncio
 import gc
-import json
 import math
 import random
 import time
@@ -333,18 +332,18 @@ async def run_ws(cfg: dict) -> None:
 
 
 async def run_http(cfg: dict) -> None:
-    import aiohttp
+    from .httpclient import HttpClient
 
     gen = cfg["gen"]
     targets = cfg["targets"]  # [port, rel, token, role]
     concurrency = cfg["concurrency"]
     warmup = cfg.get("warmup", 1.0)
-    connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, force_close=False)
-    session = aiohttp.ClientSession(
-        connector=connector,
-        timeout=aiohttp.ClientTimeout(total=10),
-        skip_auto_headers=["User-Agent"],
-    )
+    client = HttpClient(HOST, timeout=10)
+    # Each target's headers and body, encoded once.
+    headers = {
+        token: b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % token.encode()
+        for _, _, token, _ in targets
+    }
     statuses: dict[str, int] = {}
     emit({"event": "ready"})
 
@@ -353,16 +352,9 @@ async def run_http(cfg: dict) -> None:
         if message is not None:
             body["message"] = message
         t0 = time.perf_counter()
-        try:
-            async with session.post(
-                f"http://{HOST}:{port}/api/gestures/send",
-                data=json.dumps(body),
-                headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
-            ) as resp:
-                await resp.read()
-                status = resp.status
-        except (aiohttp.ClientError, TimeoutError, OSError):
-            status = 0
+        status = await client.post(
+            port, "/api/gestures/send", headers[token], msgspec.json.encode(body)
+        )
         statuses[str(status)] = statuses.get(str(status), 0) + 1
         return (time.perf_counter() - t0) * 1000.0, status
 
@@ -435,7 +427,7 @@ async def run_http(cfg: dict) -> None:
                 emit({"event": "done", "statuses": statuses, **res})
             case "stop":
                 break
-    await session.close()
+    await client.close()
     emit({"event": "stopped"})
 
 
@@ -450,17 +442,25 @@ RETURNING id, relationship_id, gesture_type, sent_by, message,
 
 
 async def run_ceiling(cfg: dict) -> None:
+    """As lean as the generator that drives the service: a connection of its own for each
+    client when PostgreSQL has enough to spare (no pool to go through a row), and PUBLISH
+    encoded by hand as the service's hot paths do (`service.resp`)."""
     import asyncpg
     import redis.asyncio as aioredis
 
+    from service import resp
     from service.schemas import Gesture, GestureSent, encoder
 
     concurrency = cfg["concurrency"]
     rels = [uuid.UUID(r) for r in cfg["rels"]]
-    prefix = cfg["channel_prefix"]
-    pool = await asyncpg.create_pool(
-        cfg["dsn"], min_size=cfg["pool"], max_size=cfg["pool"], command_timeout=10
-    )
+    prefix = cfg["channel_prefix"].encode()
+    own = cfg["pool"] >= concurrency
+    if own:
+        conns = [await asyncpg.connect(cfg["dsn"], command_timeout=10) for _ in range(concurrency)]
+    else:
+        pool = await asyncpg.create_pool(
+            cfg["dsn"], min_size=cfg["pool"], max_size=cfg["pool"], command_timeout=10
+        )
     redis = aioredis.Redis(
         connection_pool=aioredis.BlockingConnectionPool.from_url(
             cfg["redis_url"], max_connections=concurrency, timeout=5
@@ -468,6 +468,13 @@ async def run_ceiling(cfg: dict) -> None:
     )
     await redis.ping()
     emit({"event": "ready"})
+
+    async def insert(w: int, rel: uuid.UUID) -> asyncpg.Record:
+        args = (_INSERT, uuid.uuid4(), rel, "hug", "partner_a", None, False)
+        if own:
+            return await conns[w].fetchrow(*args)
+        async with pool.acquire() as conn:
+            return await conn.fetchrow(*args)
 
     async def bare(duration: float, warmup: float) -> dict:
         lat: list[float] = []
@@ -484,18 +491,17 @@ async def run_ceiling(cfg: dict) -> None:
                 i += concurrency
                 t0 = time.perf_counter()
                 try:
-                    async with pool.acquire() as conn:
-                        r = await conn.fetchrow(
-                            _INSERT, uuid.uuid4(), rel, "hug", "partner_a", None, False
-                        )
-                    g = Gesture(**dict(r))
+                    g = Gesture(**dict(await insert(w, rel)))
                     event = GestureSent(
                         event_id=uuid.uuid4(),
                         occurred_at=g.sent_at,
                         relationship_id=rel,
                         gesture=g,
                     )
-                    await redis.publish(f"{prefix}{rel}", encoder.encode(event))
+                    channel = prefix + str(rel).encode()
+                    await resp.execute(
+                        redis, [resp.command(b"PUBLISH", channel, encoder.encode(event))], 5
+                    )
                 except Exception:
                     errors += 1
                     continue
@@ -511,7 +517,11 @@ async def run_ceiling(cfg: dict) -> None:
                 emit({"event": "done", **await bare(cmd["duration"], cmd.get("warmup", 1.0))})
             case "stop":
                 break
-    await pool.close()
+    if own:
+        for conn in conns:
+            await conn.close()
+    else:
+        await pool.close()
     await redis.aclose()
     emit({"event": "stopped"})
 
