@@ -12,7 +12,7 @@ import struct
 import pytest
 import uvicorn
 
-from service.wsserver import HttpProtocol, WSProtocol, WsprotoProtocol
+from service.wsserver import HeadWithBody, HttpProtocol, WSProtocol, WsprotoProtocol
 
 from .conftest import InProcess
 
@@ -321,3 +321,78 @@ async def test_plain_http_and_a_malformed_upgrade_are_served_as_uvicorn_serves_t
     writer.close()
     raw = await Raw.open(port, extra="this line has no colon\r\n")
     assert raw.head.startswith(b"HTTP/1.1 400")
+
+
+class Recorded:
+    """A transport that records what is written and when it is closed."""
+
+    def __init__(self) -> None:
+        self.log: list = []
+
+    def write(self, data: bytes) -> None:
+        self.log.append(data)
+
+    def close(self) -> None:
+        self.log.append("close")
+
+    def is_closing(self) -> bool:
+        return "close" in self.log
+
+    def get_extra_info(self, name: str):
+        return ("127.0.0.1", 1) if name == "peername" else None
+
+
+async def turn_of_the_loop() -> None:
+    """Until every callback scheduled so far has run (the loop runs them in order)."""
+    done = asyncio.get_running_loop().create_future()
+    asyncio.get_running_loop().call_soon(done.set_result, None)
+    await done
+
+
+async def test_a_response_head_goes_out_with_its_body_in_one_write():
+    transport = Recorded()
+    view = HeadWithBody(transport)
+    view.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n")
+    view.write(b"{}")
+    assert transport.log == [b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}"]
+    await turn_of_the_loop()  # nothing held is sent again
+    view.write(b"more")
+    assert transport.log[1:] == [b"more"]
+    assert view.get_extra_info("peername") == ("127.0.0.1", 1)  # the rest is the transport's
+
+
+async def test_a_head_whose_body_comes_later_goes_out_at_the_end_of_the_turn():
+    transport = Recorded()
+    view = HeadWithBody(transport)
+    view.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+    assert transport.log == []
+    await turn_of_the_loop()
+    view.write(b"5\r\nfirst\r\n")
+    assert transport.log == [
+        b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n",
+        b"5\r\nfirst\r\n",
+    ]
+
+
+async def test_a_close_sends_the_held_head_first():
+    transport = Recorded()
+    view = HeadWithBody(transport)
+    view.write(b"HTTP/1.1 204 No Content\r\n\r\n")
+    view.close()
+    await turn_of_the_loop()
+    assert transport.log == [b"HTTP/1.1 204 No Content\r\n\r\n", "close"]
+
+
+async def test_kept_alive_requests_are_each_answered_whole(server):
+    """Through uvicorn: answers in one write each, in order, on one connection."""
+    _, port = server
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    for page in ("/one", "/two", "/three"):
+        writer.write(f"GET {page} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        assert b"transfer-encoding: chunked" in head  # the app gives no length
+        body = await asyncio.wait_for(reader.readuntil(b"\r\n0\r\n\r\n"), 5)
+        expected = f"plain GET {page}".encode()
+        assert body == b"%x\r\n%s\r\n0\r\n\r\n" % (len(expected), expected)
+    writer.close()
