@@ -1154,23 +1154,44 @@ class GroupCommit(Generic[T, R]):
         self._max_batch = max_batch
         self._max_queue = max_queue
         self._timeout = timeout
-        self._queue: list[tuple[T, asyncio.Future[R]]] = []
+        # (item, its caller's future, when it stops waiting), oldest first.
+        self._queue: list[tuple[T, asyncio.Future[R], float]] = []
         self._ready = asyncio.Event()
+        # One timer for the whole queue, set for its oldest entry's end, rather than a
+        # timeout (and a shield) for each caller.
+        self._expiry: asyncio.TimerHandle | None = None
 
     async def submit(self, item: T) -> R:
         if len(self._queue) >= self._max_queue:
             raise errors.Unavailable("too many writes waiting for PostgreSQL")
-        entry = (item, asyncio.get_running_loop().create_future())
-        self._queue.append(entry)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._queue.append((item, future, loop.time() + self._timeout))
         self._ready.set()
-        try:
-            async with asyncio.timeout(self._timeout):
-                return await asyncio.shield(entry[1])
-        except TimeoutError:
-            if entry in self._queue:  # never taken by a writer: it will not be written
-                self._queue.remove(entry)
-                raise errors.Unavailable("PostgreSQL did not take the write in time") from None
-        return await entry[1]  # in a batch now; that batch has its own timeouts
+        if self._expiry is None:
+            self._expiry = loop.call_at(self._queue[0][2], self._expire)
+        # A caller that goes (cancelled) leaves its item to be written all the same.
+        return await future
+
+    def _expire(self) -> None:
+        """Fail the entries still queued past their time (the oldest ones): never taken by a
+        writer, they will not be written. Then wait for the next oldest."""
+        self._expiry = None
+        loop = asyncio.get_running_loop()
+        queue = self._queue
+        now = loop.time()
+        late = 0
+        while late < len(queue) and queue[late][2] <= now:
+            late += 1
+        expired = queue[:late]
+        del queue[:late]
+        for _, future, _ in expired:
+            if not future.done():
+                future.set_exception(
+                    errors.Unavailable("PostgreSQL did not take the write in time")
+                )
+        if queue:
+            self._expiry = loop.call_at(queue[0][2], self._expire)
 
     async def run(self) -> None:
         """Run the writers until cancelled."""
@@ -1183,7 +1204,7 @@ class GroupCommit(Generic[T, R]):
             while not self._queue:
                 self._ready.clear()
                 await self._ready.wait()
-            batch = self._queue[: self._max_batch]
+            batch = [(item, future) for item, future, _ in self._queue[: self._max_batch]]
             del self._queue[: self._max_batch]
             if self._queue:
                 self._ready.set()
@@ -1195,7 +1216,7 @@ class GroupCommit(Generic[T, R]):
                 results = await self._work(conn, [item for item, _ in batch])
         except errors.Unavailable as exc:
             queued, self._queue = self._queue, []
-            for _, future in batch + queued:
+            for _, future in batch + [(item, future) for item, future, _ in queued]:
                 if not future.done():
                     future.set_exception(exc)
             return
