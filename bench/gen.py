@@ -339,7 +339,7 @@ async def run_http(cfg: dict) -> None:
     concurrency = cfg["concurrency"]
     warmup = cfg.get("warmup", 1.0)
     client = HttpClient(HOST, timeout=10)
-    # Each target's headers and body, encoded once.
+    # Each target's headers, encoded once (the body is encoded per request).
     headers = {
         token: b"Authorization: Bearer %s\r\nContent-Type: application/json\r\n" % token.encode()
         for _, _, token, _ in targets
