@@ -24,9 +24,7 @@ import httptools
 
 
 class _Connection(asyncio.Protocol):
-    def __init__(self, client: "HttpClient", port: int) -> None:
-        self._client = client
-        self.port = port
+    def __init__(self) -> None:
         self.transport: asyncio.Transport | None = None
         self.started = 0.0  # when the request in flight was written; 0 when idle
         self._parser = httptools.HttpResponseParser(self)
@@ -116,7 +114,7 @@ class HttpClient:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
             try:
                 _, conn = await asyncio.get_running_loop().create_connection(
-                    lambda: _Connection(self, port), self._host, port
+                    _Connection, self._host, port
                 )
             except OSError:
                 return 0
